@@ -1,0 +1,30 @@
+# chunkd: two commands for a newcomer on a fresh Debian machine with Python 3.11.
+#   make run    set up and start the server on its defaults (127.0.0.1:8080, ./data)
+#   make test   set up and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test setup libmagic bench clean
+
+run: setup
+	$(BIN)/chunkd serve
+
+test: setup
+	$(BIN)/pytest
+
+setup: $(VENV)/.installed libmagic
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# python-magic needs the C library libmagic (Debian: libmagic1).
+libmagic:
+	@$(BIN)/python -c 'import magic' 2>/dev/null || ./scripts/install-libmagic.sh
+	@$(BIN)/python -c 'import magic'
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from chunkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket handlers: parse, call the store, map errors to responses."""

@@ -1,0 +1,34 @@
+"""Small file helpers shared by the store and the hand-offs: atomic JSON files."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any], *, durable: bool = True) -> None:
+    """Write ``doc`` to a temp file beside ``path``, fsync it, rename it over ``path``.
+
+    Readers see the old document or the new one, never a half-written one.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, orjson.dumps(doc))
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON document at ``path``, or ``None`` when there is no such file."""
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,117 @@
+"""The ``chunkd`` command: ``chunkd serve [flags]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from chunkd import __version__
+from chunkd.app import make_app
+from chunkd.config import Config, ConfigError, env_name, load_config
+
+_HELP = {
+    "data_dir": "folder for sessions and finished files (default ./data)",
+    "host": "address to listen on (default 127.0.0.1)",
+    "port": "TCP port, 0 for any free one (default 8080)",
+    "chunk_size": "chunk size offered to clients, e.g. 50MiB (default 50MiB)",
+    "max_chunk_size": "largest chunk accepted; under Cloudflare's 100 MB (default 95MiB)",
+    "max_file_size": "largest file a session may declare (default 50GiB)",
+    "session_ttl": "session lifetime, e.g. 24h (default 24h)",
+    "sweep_interval": "how often expired sessions are removed, e.g. 5m (default 5m)",
+    "allowed_extensions": "comma-separated file extensions allowed (default: common audio/video)",
+    "durable": "fdatasync each chunk before counting it: on|off (default on)",
+    "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
+}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chunkd", description="Chunked, resumable upload server.")
+    parser.add_argument("--version", action="version", version=f"chunkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the upload server",
+        description="Run the upload server. Every flag also reads CHUNKD_<NAME>; a flag wins.",
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        serve.add_argument(flag, dest=f.name, metavar="VALUE",
+                           help=f"{_HELP[f.name]} [{env_name(f.name)}]")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def describe(config: Config, url: str) -> str:
+    return "\n".join([
+        f"chunkd {__version__} listening on {url}",
+        f"  storing in   {config.data_dir.resolve()}",
+        f"  chunks       {_human(config.chunk_size)} offered, {_human(config.max_chunk_size)} max",
+        f"  files        {_human(config.max_file_size)} max, "
+        f"extensions: {', '.join(sorted(config.allowed_extensions))}",
+        f"  sessions     expire after {config.session_ttl:g} s, swept every "
+        f"{config.sweep_interval:g} s",
+        f"  durability   {'fdatasync every chunk' if config.durable else 'off (no fsync)'}",
+    ])
+
+
+async def serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    # Chunk writes, fsyncs and libmagic run in threads; give parallel uploads enough of them.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="chunkd-io"))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(make_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(describe(config, f"http://{host}:{port}"), flush=True)
+    try:
+        await stop.wait()
+        print("chunkd: shutting down, letting in-flight requests finish", flush=True)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        try:
+            config = load_config(flags)
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        except (ConfigError, OSError) as exc:
+            print(f"chunkd: error: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        import uvloop
+
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(serve(config))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

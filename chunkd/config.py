@@ -1,0 +1,196 @@
+"""chunkd's settings: one frozen dataclass, built from CLI flags, ``CHUNKD_*`` variables and defaults.
+
+Order of precedence: a command-line flag wins over the environment, which wins over the default.
+Every value is checked once, at start, by :meth:`Config.validate`; a bad value stops the server
+with one clear line instead of failing later in the middle of an upload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Cloudflare refuses request bodies over 100 MB (decimal); a chunk must stay under it.
+PROXY_BODY_LIMIT = 100_000_000
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_CHUNK_SIZE = 50 * MiB
+DEFAULT_MAX_CHUNK_SIZE = 95 * MiB
+DEFAULT_MAX_FILE_SIZE = 50 * GiB
+DEFAULT_SESSION_TTL = 24 * 3600.0
+DEFAULT_SWEEP_INTERVAL = 300.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+#: Smallest chunk a client may ask for; keeps the number of marker files per session sane.
+MIN_CHUNK_SIZE = 1 * KiB
+#: Upper bound on chunks per session (one marker file each).
+MAX_CHUNKS = 100_000
+
+DEFAULT_EXTENSIONS = (
+    "mp3", "wav", "m4a", "aac", "ogg", "oga", "opus", "flac", "wma", "amr", "aiff", "aif",
+    "webm", "mp4", "m4v", "mkv", "mov", "avi", "wmv", "mpeg", "mpg", "3gp", "ts", "mts",
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value chunkd cannot run with; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of chunkd's settings. Sizes are bytes, durations seconds."""
+
+    #: Folder holding every session and finished file (``--data-dir`` / ``CHUNKD_DATA_DIR``).
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    #: Address to listen on; 127.0.0.1 by default so nothing is exposed by accident.
+    host: str = DEFAULT_HOST
+    #: TCP port; 0 picks a free one (the chosen port is printed at start).
+    port: int = DEFAULT_PORT
+    #: Chunk size offered to clients that do not ask for one (50 MiB).
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Largest chunk accepted (95 MiB): must stay under Cloudflare's 100 MB body cap.
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    #: Largest file a session may declare (50 GiB).
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    #: How long a session lives after creation before the sweeper removes it (24 h).
+    session_ttl: float = DEFAULT_SESSION_TTL
+    #: How often the sweeper looks for expired sessions (5 min).
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL
+    #: File-name extensions (lower case, no dot) a session's filename may end with.
+    allowed_extensions: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_EXTENSIONS))
+    #: fdatasync each chunk before counting it (on by default; off trades safety for speed).
+    durable: bool = True
+    #: Seconds SIGTERM waits for in-flight requests before cancelling them.
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+    def validate(self) -> Config:
+        """Raise :class:`ConfigError` for the first bad value; return ``self`` otherwise."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        if self.max_chunk_size >= PROXY_BODY_LIMIT:
+            raise ConfigError(
+                f"max chunk size {self.max_chunk_size} bytes must stay under Cloudflare's "
+                f"{PROXY_BODY_LIMIT}-byte request limit"
+            )
+        if self.max_chunk_size < MIN_CHUNK_SIZE:
+            raise ConfigError(f"max chunk size must be at least {MIN_CHUNK_SIZE} bytes")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= self.max_chunk_size:
+            raise ConfigError(
+                f"chunk size {self.chunk_size} must be between {MIN_CHUNK_SIZE} and the max chunk "
+                f"size {self.max_chunk_size}"
+            )
+        if self.max_file_size <= 0:
+            raise ConfigError("max file size must be positive")
+        if self.session_ttl <= 0:
+            raise ConfigError("session lifetime must be positive")
+        if self.sweep_interval <= 0:
+            raise ConfigError("sweep interval must be positive")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown timeout must not be negative")
+        if not self.allowed_extensions:
+            raise ConfigError("allowed extensions must not be empty")
+        for ext in self.allowed_extensions:
+            if not re.fullmatch(r"[a-z0-9]{1,10}", ext):
+                raise ConfigError(f"bad extension {ext!r}: use lower-case letters and digits, no dot")
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"data dir {self.data_dir} exists and is not a folder")
+        return self
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": 1000, "kib": KiB,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": GiB, "gb": 1000**3, "gib": GiB,
+    "t": 1024 * GiB, "tb": 1000**4, "tib": 1024 * GiB,
+}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str) -> int:
+    """``"50MiB"`` → 52428800. Bare numbers are bytes; KB/MB/GB are decimal, K/M/G and KiB/... binary."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"not a size: {text!r} (try 52428800, 50MiB or 95M)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(text: str) -> float:
+    """``"24h"`` → 86400.0. Bare numbers are seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(f"not a duration: {text!r} (try 86400, 24h or 30m)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (use on/off)")
+
+
+def parse_extensions(text: str) -> frozenset[str]:
+    return frozenset(e.strip().lower().lstrip(".") for e in text.split(",") if e.strip())
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"not an integer: {text!r}") from None
+
+
+#: field name → parser for its text form (CLI flag value or environment variable).
+PARSERS: dict[str, Any] = {
+    "data_dir": Path,
+    "host": str,
+    "port": parse_int,
+    "chunk_size": parse_size,
+    "max_chunk_size": parse_size,
+    "max_file_size": parse_size,
+    "session_ttl": parse_duration,
+    "sweep_interval": parse_duration,
+    "allowed_extensions": parse_extensions,
+    "durable": parse_bool,
+    "shutdown_timeout": parse_duration,
+}
+
+
+def env_name(field_name: str) -> str:
+    return "CHUNKD_" + field_name.upper()
+
+
+def load_config(flags: Mapping[str, str | None], env: Mapping[str, str] | None = None) -> Config:
+    """Build a validated :class:`Config` from flag texts (``None`` = not given) and the environment."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        text = flags.get(f.name)
+        source = "--" + f.name.replace("_", "-")
+        if text is None:
+            text = env.get(env_name(f.name))
+            source = env_name(f.name)
+        if text is None:
+            continue
+        try:
+            values[f.name] = PARSERS[f.name](text)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return Config(**values).validate()

@@ -1,0 +1,472 @@
+"""The file-system session store: the one module that knows chunkd's on-disk layout.
+
+    <data_dir>/
+      sessions/
+        <session_id>/
+          metadata.json     what was fixed at creation (temp file, fsync, rename; never rewritten)
+          data              the file itself, reserved up front; chunk i lives at i * chunk_size
+          chunks/<i>        one marker per counted chunk (holds the chunk's sha256 when known);
+                            created by rename after the chunk's bytes were written and flushed
+          end.claim         the session's one-time end: finalize, abort or expire; created with
+                            link(2), which fails if it exists, so exactly one caller wins
+          task.json         the hand-off's record after finalize
+          failed.json       why finalize refused the file (its bytes are then removed)
+        .new-<id>/          a session being created; renamed into place when complete
+      gone/<session_id>     tombstone of a removed session (answers 410 instead of 404)
+      trash/                sessions being deleted: renamed here first, so removal is atomic
+
+Nothing here is a read-modify-write of shared state: received chunks are the markers present,
+the end of a session is whichever claim got linked first. That is what makes several chunkd
+processes on one folder safe, and a restart (kill -9 included) lose nothing that was counted.
+The session's filename is metadata only; no path is ever built from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterable
+from pathlib import Path
+from typing import Any
+
+import aiofiles.os
+
+from chunkd.atomic import read_json, write_json_atomic
+from chunkd.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    Gone,
+    InsufficientStorage,
+    NotFound,
+    TooLarge,
+)
+from chunkd.store.base import ChunkReceipt, Claim, SessionMeta, SessionState
+
+#: Bytes gathered from the network before one write to disk (one thread hop per buffer).
+WRITE_BUFFER = 512 * 1024
+#: A finalize claim with no outcome after this long is taken to be from a dead process.
+STALE_CLAIM_SECONDS = 60.0
+#: A session whose data file was written this recently is never swept.
+BUSY_GRACE_SECONDS = 300.0
+#: Half-created sessions (``.new-*``) older than this are debris from a crash.
+STAGING_DEBRIS_SECONDS = 3600.0
+
+_SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_session_id(text: str) -> bool:
+    return _SESSION_ID.fullmatch(text) is not None
+
+
+def _pwrite_all(fd: int, buf: bytearray, offset: int, hasher: Any) -> None:
+    """One thread hop per buffer: hash it (when asked) and write it at ``offset``."""
+    if hasher is not None:
+        hasher.update(buf)
+    view = memoryview(buf)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+_pwrite_async = aiofiles.os.wrap(_pwrite_all)
+_open_async = aiofiles.os.wrap(os.open)
+_close_async = aiofiles.os.wrap(os.close)
+_fdatasync_async = aiofiles.os.wrap(os.fdatasync)
+
+
+class FileSystemStore:
+    """A :class:`~chunkd.store.base.SessionStore` on a local (or shared POSIX) file system."""
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self.root = root.resolve()
+        self.durable = durable
+        self.sessions_dir = self.root / "sessions"
+        self.gone_dir = self.root / "gone"
+        self.trash_dir = self.root / "trash"
+        self._meta_cache: dict[str, SessionMeta] = {}
+        #: session id -> chunk writes in flight in this process (the sweeper leaves these alone).
+        self.inflight: dict[str, int] = {}
+        for d in (self.sessions_dir, self.gone_dir, self.trash_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- paths (the layout above, nowhere else) --------------------------------------------
+
+    def _dir(self, sid: str) -> Path:
+        return self.sessions_dir / sid
+
+    def data_path(self, session_id: str) -> Path:
+        return self._dir(session_id) / "data"
+
+    def _marker(self, sid: str, index: int) -> Path:
+        return self._dir(sid) / "chunks" / str(index)
+
+    # -- create ----------------------------------------------------------------------------
+
+    async def create(self, *, ttl: float, **fields: Any) -> SessionMeta:
+        now = time.time()
+        meta = SessionMeta(
+            session_id=str(uuid.uuid4()), created_at=now, expires_at=now + ttl, **fields
+        )
+        await asyncio.to_thread(self._create_sync, meta)
+        self._meta_cache[meta.session_id] = meta
+        return meta
+
+    def _create_sync(self, meta: SessionMeta) -> None:
+        staging = self.sessions_dir / f".new-{meta.session_id}"
+        try:
+            staging.mkdir()
+            (staging / "chunks").mkdir()
+            free = shutil.disk_usage(self.root).free
+            if meta.total_size > free:
+                raise InsufficientStorage(
+                    f"not enough disk space for {meta.total_size} bytes ({free} free)",
+                    code="insufficient_storage", free_bytes=free,
+                )
+            fd = os.open(staging / "data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                # Reserve every byte now, so a session that cannot fit fails here with 507
+                # instead of in the middle of its upload.
+                os.posix_fallocate(fd, 0, meta.total_size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise InsufficientStorage(
+                        f"cannot reserve {meta.total_size} bytes: {os.strerror(exc.errno)}",
+                        code="insufficient_storage",
+                    ) from None
+                raise
+            finally:
+                os.close(fd)
+            write_json_atomic(staging / "metadata.json", meta.to_json())
+            os.rename(staging, self._dir(meta.session_id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    # -- read ------------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> SessionMeta:
+        meta = await asyncio.to_thread(self._get_sync, session_id)
+        return meta
+
+    def _get_sync(self, sid: str, now: float | None = None) -> SessionMeta:
+        if not is_session_id(sid):
+            raise NotFound("no upload session with this id", code="session_not_found")
+        meta = self._meta_cache.get(sid)
+        if meta is None or not self._dir(sid).is_dir():
+            doc = read_json(self._dir(sid) / "metadata.json")
+            if doc is None:
+                self._meta_cache.pop(sid, None)
+                self._raise_missing(sid)
+            meta = SessionMeta.from_json(doc)
+            self._meta_cache[sid] = meta
+        claim = self._read_claim(sid)
+        if claim is not None and claim.kind != "finalize":
+            self._raise_gone(sid, claim.kind)
+        if (now or time.time()) > meta.expires_at:
+            self._raise_gone(sid, "expire")
+        return meta
+
+    def _raise_missing(self, sid: str) -> None:
+        tomb = read_json(self.gone_dir / sid)
+        if tomb is not None:
+            self._raise_gone(sid, tomb.get("reason", "abort"))
+        raise NotFound("no upload session with this id", code="session_not_found")
+
+    @staticmethod
+    def _raise_gone(sid: str, reason: str) -> None:
+        if reason == "expire":
+            raise Gone("this upload session has expired", code="session_expired")
+        raise Gone("this upload session was aborted", code="session_aborted")
+
+    def _read_claim(self, sid: str) -> Claim | None:
+        doc = read_json(self._dir(sid) / "end.claim")
+        if doc is None:
+            return None
+        return Claim(doc["kind"], doc.get("task_id"), doc["claimed_at"], won=False)
+
+    def _received(self, sid: str) -> frozenset[int]:
+        try:
+            names = os.listdir(self._dir(sid) / "chunks")
+        except FileNotFoundError:
+            self._raise_missing(sid)
+        return frozenset(int(n) for n in names if n.isdigit())
+
+    async def state(self, session_id: str) -> SessionState:
+        return await asyncio.to_thread(self._state_sync, session_id)
+
+    def _state_sync(self, sid: str) -> SessionState:
+        meta = self._get_sync(sid)
+        d = self._dir(sid)
+        return SessionState(
+            meta=meta,
+            received=self._received(sid),
+            claim=self._read_claim(sid),
+            task=read_json(d / "task.json"),
+            failure=read_json(d / "failed.json"),
+        )
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    async def put_chunk(
+        self,
+        meta: SessionMeta,
+        index: int,
+        body: AsyncIterable[bytes],
+        *,
+        sha256: str | None = None,
+    ) -> ChunkReceipt:
+        sid = meta.session_id
+        expected = meta.chunk_length(index)
+        marker = self._marker(sid, index)
+        await asyncio.to_thread(self._check_open_for_chunks, sid)
+        if await aiofiles.os.path.exists(marker):
+            await _drain(body, expected)
+            received = await asyncio.to_thread(self._received, sid)
+            return ChunkReceipt(index, len(received), already_received=True)
+
+        self.inflight[sid] = self.inflight.get(sid, 0) + 1
+        try:
+            digest = await self._write_range(sid, meta.chunk_offset(index), expected, body, sha256)
+            if sha256 is not None and digest != sha256:
+                raise ChecksumMismatch(
+                    f"chunk {index} does not match its X-Chunk-Checksum; send it again",
+                    expected=sha256, actual=digest,
+                )
+            received = await asyncio.to_thread(self._count_chunk, sid, index, digest)
+        finally:
+            left = self.inflight[sid] - 1
+            if left:
+                self.inflight[sid] = left
+            else:
+                del self.inflight[sid]
+        return ChunkReceipt(index, len(received), already_received=False)
+
+    def _check_open_for_chunks(self, sid: str) -> None:
+        claim = self._read_claim(sid)
+        if claim is None:
+            return
+        if claim.kind == "finalize":
+            raise Conflict(
+                "this upload session is already finalized; it takes no more chunks",
+                code="session_finalized", task_id=claim.task_id,
+            )
+        self._raise_gone(sid, claim.kind)
+
+    async def _write_range(
+        self, sid: str, offset: int, length: int, body: AsyncIterable[bytes], sha256: str | None
+    ) -> str | None:
+        """Stream exactly ``length`` bytes of ``body`` to the data file at ``offset``.
+
+        Network reads fill one buffer while the previous one is written in a thread, so disk and
+        network overlap and at most two buffers per request are in memory. Returns the body's
+        sha256 when ``sha256`` was given. The range is tus-ready: any offset, any length.
+        """
+        hasher = hashlib.sha256() if sha256 is not None else None
+        try:
+            fd = await _open_async(self.data_path(sid), os.O_WRONLY)
+        except FileNotFoundError:
+            self._raise_missing(sid)
+        pending: asyncio.Future[None] | None = None
+        try:
+            buf = bytearray()
+            total = 0
+            pos = offset
+            async for data in body:
+                total += len(data)
+                if total > length:
+                    raise _too_long(length)
+                buf += data
+                if len(buf) >= WRITE_BUFFER:
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(_pwrite_async(fd, buf, pos, hasher))
+                    pos += len(buf)
+                    buf = bytearray()
+            if total < length:
+                raise _too_short(total, length)
+            if pending is not None:
+                await pending
+                pending = None
+            if buf:
+                await _pwrite_async(fd, buf, pos, hasher)
+            if self.durable:
+                await _fdatasync_async(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage("the disk is full", code="insufficient_storage") from None
+            raise
+        finally:
+            if pending is not None:
+                # A thread cannot be cancelled: let its write finish before closing the file.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(pending)
+            await _close_async(fd)
+        return hasher.hexdigest() if hasher is not None else None
+
+    def _count_chunk(self, sid: str, index: int, digest: str | None) -> frozenset[int]:
+        """Make the chunk count: create its marker by rename (atomic), then re-read the set."""
+        self._check_open_for_chunks(sid)
+        marker = self._marker(sid, index)
+        tmp = marker.with_name(f".{index}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "x") as f:
+                f.write(digest or "")
+        except FileNotFoundError:
+            self._raise_missing(sid)  # removed while the body was streaming
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage("the disk is full", code="insufficient_storage") from None
+            raise
+        os.replace(tmp, marker)
+        return self._received(sid)
+
+    # -- the one-time end ------------------------------------------------------------------
+
+    async def claim_end(self, session_id: str, kind: str) -> Claim:
+        return await asyncio.to_thread(self._claim_sync, session_id, kind)
+
+    def _claim_sync(self, sid: str, kind: str) -> Claim:
+        doc = {
+            "kind": kind,
+            "task_id": str(uuid.uuid4()) if kind == "finalize" else None,
+            "claimed_at": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        d = self._dir(sid)
+        tmp = d / f".end.{uuid.uuid4().hex}.tmp"
+        try:
+            write_json_atomic(tmp, doc, durable=self.durable)
+        except FileNotFoundError:
+            self._raise_missing(sid)
+        try:
+            os.link(tmp, d / "end.claim")  # fails with EEXIST when someone else won
+            won = True
+        except FileExistsError:
+            won = False
+        finally:
+            os.unlink(tmp)
+        if won:
+            return Claim(kind, doc["task_id"], doc["claimed_at"], won=True)
+        claim = self._read_claim(sid)
+        assert claim is not None
+        return claim
+
+    def stale(self, claim: Claim, now: float | None = None) -> bool:
+        return (now or time.time()) - claim.claimed_at > STALE_CLAIM_SECONDS
+
+    async def record_task(self, session_id: str, task: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            write_json_atomic, self._dir(session_id) / "task.json", task, durable=self.durable
+        )
+
+    async def record_failure(self, session_id: str, error: dict[str, Any]) -> None:
+        def run() -> None:
+            write_json_atomic(self._dir(session_id) / "failed.json", error, durable=self.durable)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_path(session_id))
+
+        await asyncio.to_thread(run)
+
+    # -- removal ---------------------------------------------------------------------------
+
+    async def remove(self, session_id: str, reason: str) -> None:
+        await asyncio.to_thread(self._remove_sync, session_id, reason)
+
+    def _remove_sync(self, sid: str, reason: str) -> None:
+        """Tombstone first, then one rename out of ``sessions/``, then delete at leisure."""
+        write_json_atomic(self.gone_dir / sid, {"reason": reason, "at": time.time()})
+        target = self.trash_dir / f"{sid}.{uuid.uuid4().hex}"
+        try:
+            os.rename(self._dir(sid), target)
+        except FileNotFoundError:
+            return
+        self._meta_cache.pop(sid, None)
+        shutil.rmtree(target, ignore_errors=True)
+
+    async def sweep(self, now: float, busy: set[str]) -> list[str]:
+        return await asyncio.to_thread(self._sweep_sync, now, busy)
+
+    def _sweep_sync(self, now: float, busy: set[str]) -> list[str]:
+        removed = []
+        for entry in os.scandir(self.sessions_dir):
+            name = entry.name
+            if name.startswith(".new-"):
+                if now - entry.stat().st_mtime > STAGING_DEBRIS_SECONDS:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                continue
+            if not is_session_id(name) or name in busy:
+                continue
+            if self._sweep_one(name, now):
+                removed.append(name)
+        for entry in os.scandir(self.trash_dir):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        ttl_floor = now - 7 * 86400
+        for entry in os.scandir(self.gone_dir):
+            if entry.stat().st_mtime < ttl_floor:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        return removed
+
+    def _sweep_one(self, sid: str, now: float) -> bool:
+        doc = read_json(self._dir(sid) / "metadata.json")
+        if doc is None:
+            return False
+        claim = self._read_claim(sid)
+        if claim is not None and claim.kind in ("abort", "expire"):
+            self._remove_sync(sid, claim.kind)  # a removal that a crash interrupted
+            return True
+        if now <= doc["expires_at"]:
+            return False
+        try:
+            if now - os.stat(self.data_path(sid)).st_mtime < BUSY_GRACE_SECONDS:
+                return False  # bytes arrived recently, maybe from another process
+        except FileNotFoundError:
+            pass  # handed off or failed: nothing is being written
+        if claim is None:
+            claim = self._claim_sync(sid, "expire")
+            if not claim.won and claim.kind == "finalize":
+                return False
+        elif claim.kind == "finalize":
+            finished = (self._dir(sid) / "task.json").exists() or (
+                self._dir(sid) / "failed.json"
+            ).exists()
+            if not finished and not self.stale(claim, now):
+                return False  # being finalized right now
+        self._remove_sync(sid, "expire")
+        return True
+
+
+def _too_long(length: int) -> TooLarge:
+    return TooLarge(
+        f"chunk body is longer than the expected {length} bytes",
+        code="chunk_too_long", expected_bytes=length,
+    )
+
+
+def _too_short(total: int, length: int) -> BadRequest:
+    return BadRequest(
+        f"chunk body ended after {total} of {length} bytes",
+        code="chunk_incomplete", expected_bytes=length, received_bytes=total,
+    )
+
+
+async def _drain(body: AsyncIterable[bytes], length: int) -> None:
+    """Read and drop a body (for a chunk that was already counted), still checking its length."""
+    total = 0
+    async for data in body:
+        total += len(data)
+        if total > length:
+            raise _too_long(length)
+    if total < length:
+        raise _too_short(total, length)
