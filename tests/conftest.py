@@ -1,0 +1,146 @@
+"""Shared fixtures: a real chunkd app on 127.0.0.1 (pytest-aiohttp), real files, real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chunkd.app import make_app
+from chunkd.config import KiB, Config
+
+MEDIA = Path(__file__).parent / "media"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CHUNKD_* variable from the developer's shell may change what a test sees."""
+    for name in list(os.environ):
+        if name.startswith("CHUNKD_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(data_dir=tmp_path / "data", chunk_size=4 * KiB, sweep_interval=3600)
+
+
+@pytest.fixture
+async def client(aiohttp_client, config: Config):
+    return await aiohttp_client(make_app(config))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def session_body(filename: str, size: int, chunk_size: int, **extra: object) -> dict:
+    return {
+        "filename": filename,
+        "total_size": size,
+        "chunk_size": chunk_size,
+        "total_chunks": math.ceil(size / chunk_size),
+        **extra,
+    }
+
+
+def chunks_of(data: bytes, chunk_size: int) -> list[bytes]:
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+
+
+async def create_session(client, filename: str, data: bytes, chunk_size: int, **extra) -> dict:
+    resp = await client.post(
+        "/upload/chunked/session", json=session_body(filename, len(data), chunk_size, **extra)
+    )
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+async def put_chunk(client, sid: str, index: int, body: bytes, **headers: str):
+    return await client.post(
+        f"/upload/chunked/{sid}/chunk",
+        params={"index": str(index)},
+        data=body,
+        headers={"Content-Type": "application/octet-stream", **headers},
+    )
+
+
+async def upload_all(client, filename: str, data: bytes, chunk_size: int) -> str:
+    """Create a session and send every chunk in order; return the session id."""
+    sid = (await create_session(client, filename, data, chunk_size))["session_id"]
+    for i, chunk in enumerate(chunks_of(data, chunk_size)):
+        resp = await put_chunk(client, sid, i, chunk)
+        assert resp.status == 200, await resp.text()
+    return sid
+
+
+class ServerProcess:
+    """``python -m chunkd serve`` as a real subprocess on 127.0.0.1 with a free port."""
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.env = env or {}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.banner: list[str] = []
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "chunkd", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--data-dir", str(self.data_dir), *self.args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"chunkd exited: {self.banner}")
+            self.banner.append(line.rstrip())
+            if " listening on " in line:
+                self.url = line.split(" listening on ")[1].strip()
+                # keep reading the banner's other lines
+                for _ in range(5):
+                    self.banner.append(self.proc.stdout.readline().rstrip())
+                return self
+        raise RuntimeError("chunkd did not start in time")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> str:
+        """SIGTERM, wait for exit, return the rest of its output."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout)
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path):
+    started: list[ServerProcess] = []
+
+    def start(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None):
+        srv = ServerProcess(data_dir or tmp_path / "data", *args, env=env).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
