@@ -16,6 +16,7 @@ from aiohttp import web
 from chunkd import __version__
 from chunkd.app import make_app
 from chunkd.config import Config, ConfigError, env_name, load_config
+from chunkd.keys import DRAIN
 
 _HELP = {
     "data_dir": "folder for sessions and finished files (default ./data)",
@@ -77,9 +78,10 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(make_app(config), access_log=None)
+    app = make_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout)
+    site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else config.port
@@ -87,7 +89,11 @@ async def serve(config: Config) -> None:
     print(describe(config, f"http://{host}:{port}"), flush=True)
     try:
         await stop.wait()
-        print("chunkd: shutting down, letting in-flight requests finish", flush=True)
+        await site.stop()  # no new connections
+        drain = app[DRAIN]
+        print(f"chunkd: shutting down, {drain.active} request(s) in flight", flush=True)
+        if not await drain.wait(config.shutdown_timeout):
+            print(f"chunkd: cancelling {drain.active} unfinished request(s)", flush=True)
     finally:
         await runner.cleanup()
 

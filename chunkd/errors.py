@@ -10,6 +10,7 @@
      ├── TooLarge                    413  file, chunk or body over a limit
      ├── UnsupportedMediaType        415  content type / libmagic type not allowed
      ├── InvalidField                422  a field has a wrong type or value
+     ├── ServiceUnavailable          503  shutting down: retry (on another instance)
      └── InsufficientStorage         507  not enough disk space
 
 Handlers and the store raise these; one middleware (``chunkd.api.middleware``) renders them as
@@ -100,6 +101,11 @@ class UnsupportedMediaType(ChunkdError):
 class InvalidField(ChunkdError):
     status = 422
     code = "invalid_field"
+
+
+class ServiceUnavailable(ChunkdError):
+    status = 503
+    code = "service_unavailable"
 
 
 class InsufficientStorage(ChunkdError):

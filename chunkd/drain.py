@@ -1,0 +1,52 @@
+"""Graceful shutdown: stop taking requests, let the ones in flight finish, then stop.
+
+aiohttp's own shutdown stops reading request bodies as soon as it starts (a connection being
+closed drops incoming data), so a chunk half-way through its body could only time out. chunkd
+therefore drains first: the listening socket is closed, new requests on open connections get a
+503 ``shutting_down``, and requests already running (chunk bodies included) get up to
+``shutdown_timeout`` to finish. Whatever is still running after that is cancelled; a cancelled
+chunk never got its marker, so it is simply missing, never counted half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from chunkd.errors import ServiceUnavailable
+
+
+class Drain:
+    """Counts requests in flight and refuses new ones once draining started."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.active = 0
+        self._idle: asyncio.Event | None = None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.draining:
+            raise ServiceUnavailable(
+                "chunkd is shutting down; retry in a moment", code="shutting_down"
+            )
+        self.active += 1
+        try:
+            return await handler(request)
+        finally:
+            self.active -= 1
+            if self.active == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Start draining; wait up to ``timeout`` s for requests in flight. True if all finished."""
+        self.draining = True
+        self._idle = asyncio.Event()
+        if self.active == 0:
+            return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self.active == 0
