@@ -32,3 +32,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return orjson.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that renames into it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

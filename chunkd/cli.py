@@ -41,6 +41,13 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkd", description="Chunked, resumable upload server.")
     parser.add_argument("--version", action="version", version=f"chunkd {__version__}")
@@ -65,8 +72,8 @@ def describe(config: Config, url: str) -> str:
         f"  chunks       {_human(config.chunk_size)} offered, {_human(config.max_chunk_size)} max",
         f"  files        {_human(config.max_file_size)} max, "
         f"extensions: {', '.join(sorted(config.allowed_extensions))}",
-        f"  sessions     expire after {config.session_ttl:g} s, swept every "
-        f"{config.sweep_interval:g} s",
+        f"  sessions     expire after {_duration(config.session_ttl)}, swept every "
+        f"{_duration(config.sweep_interval)}",
         f"  durability   {'fdatasync every chunk' if config.durable else 'off (no fsync)'}",
     ])
 

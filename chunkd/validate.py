@@ -141,7 +141,10 @@ def sniff_mime(path: Path) -> str:
 
 async def check_media(path: Path) -> str:
     """Return the file's MIME type, or raise 415 when it is not audio or video."""
-    mime = await asyncio.to_thread(sniff_mime, path)
+    try:
+        mime = await asyncio.to_thread(sniff_mime, path)
+    except magic.MagicException:  # libmagic could not make sense of it: not a media file we know
+        mime = "application/octet-stream"
     if not mime.startswith(ALLOWED_MIME_PREFIXES):
         raise UnsupportedMediaType(
             f"the file's content is {mime}, not audio or video",

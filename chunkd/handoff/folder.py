@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkd.handoff.base import FinishedUpload
-from chunkd.atomic import write_json_atomic
+from chunkd.atomic import fsync_dir, write_json_atomic
 
 
 class FolderHandoff:
@@ -44,6 +44,7 @@ class FolderHandoff:
         except FileNotFoundError:
             if not target.exists():  # not an earlier try of this same hand-off
                 raise
+        fsync_dir(target_dir)  # make the rename itself survive a power cut
         return {
             "task_id": upload.task_id,
             "handoff": self.name,

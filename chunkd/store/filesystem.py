@@ -228,8 +228,7 @@ class FileSystemStore:
         sid = meta.session_id
         expected = meta.chunk_length(index)
         marker = self._marker(sid, index)
-        await asyncio.to_thread(self._check_open_for_chunks, sid)
-        if await aiofiles.os.path.exists(marker):
+        if await asyncio.to_thread(self._already_counted, sid, marker):
             await _drain(body, expected)
             received = await asyncio.to_thread(self._received, sid)
             return ChunkReceipt(index, len(received), already_received=True)
@@ -250,6 +249,11 @@ class FileSystemStore:
             else:
                 del self.inflight[sid]
         return ChunkReceipt(index, len(received), already_received=False)
+
+    def _already_counted(self, sid: str, marker: Path) -> bool:
+        """One thread hop before a chunk: is the session still open, is this chunk counted?"""
+        self._check_open_for_chunks(sid)
+        return marker.exists()
 
     def _check_open_for_chunks(self, sid: str) -> None:
         claim = self._read_claim(sid)
