@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
 from chunkd.api.middleware import errors_middleware
 from chunkd.api.uploads import routes as upload_routes
+from chunkd.api.ws import routes as ws_routes
 from chunkd.config import Config
 from chunkd.drain import Drain
-from chunkd.handoff.folder import FolderHandoff
-from chunkd.keys import CONFIG, DRAIN, HANDOFF, STORE
+from chunkd.handoff import make_handoff
+from chunkd.keys import CONFIG, DRAIN, HUB, RUNNER, STORE
+from chunkd.progress import ProgressHub
 from chunkd.store.filesystem import FileSystemStore
 from chunkd.sweeper import sweeper_ctx
+from chunkd.tasks import TaskRunner
+
+
+async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Resume unfinished tasks at start; on stop, close the sockets and stop the tasks."""
+    await app[RUNNER].open()
+    yield
+    await app[HUB].close()
+    await app[RUNNER].close()
 
 
 def make_app(config: Config) -> web.Application:
     """Build the app for ``config``; creates the data folder's layout if it is not there."""
     drain = Drain()
     app = web.Application(middlewares=[errors_middleware, drain.middleware])
+    store = FileSystemStore(config.data_dir, durable=config.durable)
+    hub = ProgressHub(store)
     app[CONFIG] = config
     app[DRAIN] = drain
-    app[STORE] = FileSystemStore(config.data_dir, durable=config.durable)
-    app[HANDOFF] = FolderHandoff(config.data_dir / "completed")
+    app[STORE] = store
+    app[HUB] = hub
+    app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app.add_routes(upload_routes)
+    app.add_routes(ws_routes)
     app.cleanup_ctx.append(sweeper_ctx)
+    app.cleanup_ctx.append(_tasks_ctx)
     return app

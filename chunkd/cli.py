@@ -30,6 +30,7 @@ _HELP = {
     "allowed_extensions": "comma-separated file extensions allowed (default: common audio/video)",
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
+    "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
 }
 
 

@@ -72,6 +72,8 @@ class Config:
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: Seconds between WebSocket heartbeats (well inside Cloudflare's 100 s idle cut-off).
+    heartbeat_interval: float = 30.0
 
     def validate(self) -> Config:
         """Raise :class:`ConfigError` for the first bad value; return ``self`` otherwise."""
@@ -97,6 +99,8 @@ class Config:
             raise ConfigError("session lifetime must be positive")
         if self.sweep_interval <= 0:
             raise ConfigError("sweep interval must be positive")
+        if not 0 < self.heartbeat_interval <= 90:
+            raise ConfigError("heartbeat interval must be between 0 and 90 s (Cloudflare cuts at 100 s)")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown timeout must not be negative")
         if not self.allowed_extensions:
@@ -170,6 +174,7 @@ PARSERS: dict[str, Any] = {
     "allowed_extensions": parse_extensions,
     "durable": parse_bool,
     "shutdown_timeout": parse_duration,
+    "heartbeat_interval": parse_duration,
 }
 
 

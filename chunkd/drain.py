@@ -33,6 +33,9 @@ class Drain:
             raise ServiceUnavailable(
                 "chunkd is shutting down; retry in a moment", code="shutting_down"
             )
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            # Sockets live long; they are closed by the hub at shutdown, not waited for.
+            return await handler(request)
         self.active += 1
         try:
             return await handler(request)

@@ -1,6 +1,6 @@
 """Finalize: turn a complete session into exactly one task.
 
-    check complete ──► claim the end (link, once) ──► size + libmagic ──► hand-off ──► task.json
+    check complete ──► claim the end (link, once) ──► size + libmagic ──► task runner (hand-off)
                              │ lost the race                 │ not audio/video
                              ▼                               ▼
                    wait for the winner's outcome      failed.json, bytes removed, 415
@@ -19,15 +19,16 @@ import time
 from typing import Any
 
 from chunkd.errors import ChunkdError, Conflict, Gone, InvalidField
-from chunkd.handoff.base import FinishedUpload, Handoff
+from chunkd.handoff.base import FinishedUpload
 from chunkd.store.base import SessionState, SessionStore
+from chunkd.tasks import TaskRunner
 from chunkd.validate import check_media
 
 #: How long a finalize that lost the race waits for the winner's outcome before answering.
 WAIT_FOR_WINNER_SECONDS = 10.0
 
 
-async def finalize(store: SessionStore, handoff: Handoff, session_id: str) -> dict[str, Any]:
+async def finalize(store: SessionStore, runner: TaskRunner, session_id: str) -> dict[str, Any]:
     """Finalize the session; return its task record. Idempotent: same task every time."""
     state = await store.state(session_id)
     outcome = _outcome(state)
@@ -43,7 +44,7 @@ async def finalize(store: SessionStore, handoff: Handoff, session_id: str) -> di
         if claim.kind != "finalize":
             raise Gone("this upload session was aborted", code="session_aborted")
         if claim.won:
-            return await _run(store, handoff, state, claim.task_id)
+            return await _run(store, runner, state, claim.task_id)
     # Someone else holds the claim: wait for their outcome, or take over if they died.
     deadline = time.monotonic() + WAIT_FOR_WINNER_SECONDS
     while True:
@@ -53,7 +54,7 @@ async def finalize(store: SessionStore, handoff: Handoff, session_id: str) -> di
             return outcome
         assert state.claim is not None
         if store.stale(state.claim):
-            return await _run(store, handoff, state, state.claim.task_id)
+            return await _run(store, runner, state, state.claim.task_id)
         if time.monotonic() > deadline:
             return {"task_id": state.claim.task_id, "stage": "finalizing"}
         await asyncio.sleep(0.05)
@@ -67,7 +68,7 @@ def _outcome(state: SessionState) -> dict[str, Any] | None:
 
 
 async def _run(
-    store: SessionStore, handoff: Handoff, state: SessionState, task_id: str | None
+    store: SessionStore, runner: TaskRunner, state: SessionState, task_id: str | None
 ) -> dict[str, Any]:
     assert task_id is not None
     meta = state.meta
@@ -86,6 +87,4 @@ async def _run(
     except ChunkdError as exc:
         await store.record_failure(meta.session_id, {"status": exc.status, **exc.to_json()})
         raise
-    task = await handoff.submit(FinishedUpload(task_id, path, mime, meta))
-    await store.record_task(meta.session_id, task)
-    return task
+    return await runner.start(FinishedUpload(task_id, path, mime, meta))

@@ -4,10 +4,12 @@ from aiohttp import web
 
 from chunkd.config import Config
 from chunkd.drain import Drain
-from chunkd.handoff.base import Handoff
+from chunkd.progress import ProgressHub
 from chunkd.store.filesystem import FileSystemStore
+from chunkd.tasks import TaskRunner
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", FileSystemStore)
-HANDOFF = web.AppKey("handoff", Handoff)
+HUB = web.AppKey("hub", ProgressHub)
+RUNNER = web.AppKey("runner", TaskRunner)
 DRAIN = web.AppKey("drain", Drain)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from chunkd.errors import BadRequest, Conflict, Gone, InvalidField, TooLarge, UnsupportedMediaType
 from chunkd.finalize import finalize
-from chunkd.keys import CONFIG, HANDOFF, STORE
+from chunkd.keys import CONFIG, HUB, RUNNER, STORE
 from chunkd.store.base import Phase, SessionState
 from chunkd.validate import check_new_session
 
@@ -106,6 +106,7 @@ async def put_chunk(request: web.Request) -> web.Response:
         )
     sha256 = _checksum(request)
     receipt = await store.put_chunk(meta, index, request.content.iter_any(), sha256=sha256)
+    request.app[HUB].poke(meta.session_id)
     done = receipt.received == meta.total_chunks
     return json_response(
         {
@@ -152,7 +153,8 @@ async def get_status(request: web.Request) -> web.Response:
 @routes.post("/upload/chunked/{session_id}/finalize")
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
-    task = await finalize(request.app[STORE], request.app[HANDOFF], sid)
+    task = await finalize(request.app[STORE], request.app[RUNNER], sid)
+    request.app[HUB].poke(sid)
     doc = {
         "session_id": sid,
         "task_id": task["task_id"],
@@ -178,6 +180,7 @@ async def abort_session(request: web.Request) -> web.Response:
     if not claim.won and claim.kind != "finalize":
         raise Gone("this upload session was already aborted", code="session_aborted")
     await store.remove(sid, "abort")
+    request.app[HUB].poke(sid)
     return json_response(
         {"session_id": sid, "status": "aborted", "message": "Upload cancelled, chunks deleted"}
     )

@@ -13,21 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chunkd.handoff.base import FinishedUpload
 from chunkd.atomic import fsync_dir, write_json_atomic
+from chunkd.handoff.base import FinishedUpload, Job
 
 
 class FolderHandoff:
     name = "folder"
+    inline = True
 
     def __init__(self, completed_dir: Path) -> None:
         self.completed_dir = completed_dir.resolve()
         self.completed_dir.mkdir(parents=True, exist_ok=True)
 
-    async def submit(self, upload: FinishedUpload) -> dict[str, Any]:
-        return await asyncio.to_thread(self._submit_sync, upload)
+    async def run(self, job: Job) -> dict[str, Any]:
+        return await asyncio.to_thread(self._move, job.upload)
 
-    def _submit_sync(self, upload: FinishedUpload) -> dict[str, Any]:
+    def _move(self, upload: FinishedUpload) -> dict[str, Any]:
         target_dir = self.completed_dir / upload.task_id
         target_dir.mkdir(exist_ok=True)
         target = target_dir / f"upload.{upload.meta.extension}"
@@ -45,9 +46,4 @@ class FolderHandoff:
             if not target.exists():  # not an earlier try of this same hand-off
                 raise
         fsync_dir(target_dir)  # make the rename itself survive a power cut
-        return {
-            "task_id": upload.task_id,
-            "handoff": self.name,
-            "stage": "complete",
-            "location": str(target),
-        }
+        return {"location": str(target), "message": f"Saved to {target}"}

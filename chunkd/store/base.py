@@ -146,6 +146,10 @@ class SessionStore(Protocol):
         """The session's metadata. Raises ``NotFound`` (unknown or malformed id) or ``Gone``."""
         ...
 
+    async def resolve(self, any_id: str) -> str:
+        """The session id behind a session id or a task id. Raises ``NotFound`` if malformed."""
+        ...
+
     async def state(self, session_id: str) -> SessionState:
         """The session's current state, read from the store (same errors as :meth:`get`)."""
         ...

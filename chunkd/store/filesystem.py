@@ -9,9 +9,15 @@
                             created by rename after the chunk's bytes were written and flushed
           end.claim         the session's one-time end: finalize, abort or expire; created with
                             link(2), which fails if it exists, so exactly one caller wins
-          task.json         the hand-off's record after finalize
+          task.json         the task's state after finalize (stage, progress, result or error),
+                            written only by the process holding the lease
+          result.json       a finished task's result (e.g. the transcript's segments)
           failed.json       why finalize refused the file (its bytes are then removed)
+          lease.<n>         who drives the task: generation n, created O_EXCL, renewed by mtime;
+                            a stale lease (owner dead or silent) is taken by creating lease.<n+1>
+          <name>.once       one-time claims of a hand-off (e.g. submit.once: never submit twice)
         .new-<id>/          a session being created; renamed into place when complete
+      tasks/<task_id>       the session id a task belongs to (so /ws/tasks/<task_id> finds it)
       gone/<session_id>     tombstone of a removed session (answers 410 instead of 404)
       trash/                sessions being deleted: renamed here first, so removal is atomic
 
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles.os
+import orjson
 
 from chunkd.atomic import read_json, write_json_atomic
 from chunkd.errors import (
@@ -57,6 +64,8 @@ WRITE_BUFFER = 512 * 1024
 STALE_CLAIM_SECONDS = 60.0
 #: A session whose data file was written this recently is never swept.
 BUSY_GRACE_SECONDS = 300.0
+#: A task lease not renewed for this long belongs to a dead process.
+LEASE_STALE_SECONDS = 30.0
 #: Half-created sessions (``.new-*``) older than this are debris from a crash.
 STAGING_DEBRIS_SECONDS = 3600.0
 
@@ -92,11 +101,12 @@ class FileSystemStore:
         self.durable = durable
         self.sessions_dir = self.root / "sessions"
         self.gone_dir = self.root / "gone"
+        self.tasks_dir = self.root / "tasks"
         self.trash_dir = self.root / "trash"
         self._meta_cache: dict[str, SessionMeta] = {}
         #: session id -> chunk writes in flight in this process (the sweeper leaves these alone).
         self.inflight: dict[str, int] = {}
-        for d in (self.sessions_dir, self.gone_dir, self.trash_dir):
+        for d in (self.sessions_dir, self.gone_dir, self.tasks_dir, self.trash_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # -- paths (the layout above, nowhere else) --------------------------------------------
@@ -172,7 +182,8 @@ class FileSystemStore:
         claim = self._read_claim(sid)
         if claim is not None and claim.kind != "finalize":
             self._raise_gone(sid, claim.kind)
-        if (now or time.time()) > meta.expires_at:
+        if claim is None and (now or time.time()) > meta.expires_at:
+            # A finalized session lives on until its task is over and the sweeper takes it.
             self._raise_gone(sid, "expire")
         return meta
 
@@ -200,6 +211,16 @@ class FileSystemStore:
         except FileNotFoundError:
             self._raise_missing(sid)
         return frozenset(int(n) for n in names if n.isdigit())
+
+    async def resolve(self, any_id: str) -> str:
+        """The session id for a session id or a task id (unknown ids are returned as they are)."""
+        if not is_session_id(any_id):
+            raise NotFound("no upload session or task with this id", code="session_not_found")
+        try:
+            sid = (await asyncio.to_thread((self.tasks_dir / any_id).read_text)).strip()
+        except FileNotFoundError:
+            return any_id
+        return sid if is_session_id(sid) else any_id
 
     async def state(self, session_id: str) -> SessionState:
         return await asyncio.to_thread(self._state_sync, session_id)
@@ -353,11 +374,16 @@ class FileSystemStore:
             write_json_atomic(tmp, doc, durable=self.durable)
         except FileNotFoundError:
             self._raise_missing(sid)
+        index = self.tasks_dir / doc["task_id"] if doc["task_id"] else None
+        if index is not None:  # before the claim, so a task id is always resolvable
+            index.write_text(sid)
         try:
             os.link(tmp, d / "end.claim")  # fails with EEXIST when someone else won
             won = True
         except FileExistsError:
             won = False
+            if index is not None:
+                index.unlink()
         finally:
             os.unlink(tmp)
         if won:
@@ -381,6 +407,110 @@ class FileSystemStore:
                 os.unlink(self.data_path(session_id))
 
         await asyncio.to_thread(run)
+
+    async def read_result(self, session_id: str) -> Any:
+        return await asyncio.to_thread(read_json, self._dir(session_id) / "result.json")
+
+    async def record_result(self, session_id: str, result: Any) -> None:
+        await asyncio.to_thread(
+            write_json_atomic, self._dir(session_id) / "result.json", result, durable=self.durable
+        )
+
+    # -- tasks: one-time claims and leases -------------------------------------------------
+
+    async def claim_once(self, session_id: str, name: str) -> bool:
+        """Create ``<name>.once`` if nobody did before; True for the one caller that did."""
+        def run() -> bool:
+            try:
+                fd = os.open(self._dir(session_id) / f"{name}.once", os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            os.close(fd)
+            return True
+
+        return await asyncio.to_thread(run)
+
+    async def release_once(self, session_id: str, name: str) -> None:
+        """Keep an old one-time claim as history and free the name (``chunkd retry``)."""
+        def run() -> None:
+            src = self._dir(session_id) / f"{name}.once"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, src.with_name(f"{name}.once.{time.time_ns()}"))
+
+        await asyncio.to_thread(run)
+
+    async def take_lease(self, session_id: str) -> Path | None:
+        """Become the one process driving this session's task, unless a live owner exists."""
+        return await asyncio.to_thread(self._take_lease_sync, session_id)
+
+    def _take_lease_sync(self, sid: str) -> Path | None:
+        d = self._dir(sid)
+        gens = [int(n[6:]) for n in os.listdir(d) if n.startswith("lease.") and n[6:].isdigit()]
+        nxt = 1
+        if gens:
+            current = d / f"lease.{max(gens)}"
+            if not self._lease_stale(current):
+                return None
+            nxt = max(gens) + 1
+        lease = d / f"lease.{nxt}"
+        try:
+            fd = os.open(lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None  # another process took over first
+        try:
+            os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        finally:
+            os.close(fd)
+        return lease
+
+    @staticmethod
+    def _lease_stale(lease: Path) -> bool:
+        try:
+            age = time.time() - lease.stat().st_mtime
+            owner = orjson.loads(lease.read_bytes() or b"{}")
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return True
+        if age > LEASE_STALE_SECONDS:
+            return True
+        if owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid():
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return True  # its owner on this machine is dead (kill -9): no need to wait
+            except (PermissionError, KeyError, TypeError):
+                pass
+        return False
+
+    async def renew_lease(self, lease: Path) -> bool:
+        """Touch the lease; False if it was lost (another process took over)."""
+        def run() -> bool:
+            newest = max(
+                (int(n[6:]) for n in os.listdir(lease.parent)
+                 if n.startswith("lease.") and n[6:].isdigit()), default=0,
+            )
+            if newest != int(lease.name[6:]):
+                return False
+            os.utime(lease)
+            return True
+
+        try:
+            return await asyncio.to_thread(run)
+        except FileNotFoundError:
+            return False
+
+    async def open_tasks(self) -> list[str]:
+        """Sessions whose task has not reached a final stage (for resuming after a restart)."""
+        def run() -> list[str]:
+            out = []
+            for entry in os.scandir(self.sessions_dir):
+                if not is_session_id(entry.name):
+                    continue
+                task = read_json(Path(entry.path) / "task.json")
+                if task is not None and task.get("stage") not in ("complete", "failed"):
+                    out.append(entry.name)
+            return out
+
+        return await asyncio.to_thread(run)
 
     # -- removal ---------------------------------------------------------------------------
 
@@ -416,10 +546,11 @@ class FileSystemStore:
         for entry in os.scandir(self.trash_dir):
             shutil.rmtree(entry.path, ignore_errors=True)
         ttl_floor = now - 7 * 86400
-        for entry in os.scandir(self.gone_dir):
-            if entry.stat().st_mtime < ttl_floor:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        for folder in (self.gone_dir, self.tasks_dir):
+            for entry in os.scandir(folder):
+                if entry.stat().st_mtime < ttl_floor:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
         return removed
 
     def _sweep_one(self, sid: str, now: float) -> bool:
@@ -442,9 +573,10 @@ class FileSystemStore:
             if not claim.won and claim.kind == "finalize":
                 return False
         elif claim.kind == "finalize":
-            finished = (self._dir(sid) / "task.json").exists() or (
-                self._dir(sid) / "failed.json"
-            ).exists()
+            task = read_json(self._dir(sid) / "task.json")
+            if task is not None and task.get("stage") not in ("complete", "failed"):
+                return False  # its task is still running
+            finished = task is not None or (self._dir(sid) / "failed.json").exists()
             if not finished and not self.stale(claim, now):
                 return False  # being finalized right now
         self._remove_sync(sid, "expire")

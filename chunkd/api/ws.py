@@ -1,0 +1,70 @@
+"""``GET /ws/tasks/{id}``: a session's (or its task's) progress as JSON text frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from chunkd.errors import ChunkdError, Gone
+from chunkd.keys import CONFIG, HUB
+from chunkd.progress import (
+    CLOSE_SESSION_GONE,
+    CLOSE_UNKNOWN_SESSION,
+    Close,
+    Subscriber,
+    now_iso,
+)
+
+routes = web.RouteTableDef()
+
+
+async def _send(ws: web.WebSocketResponse, msg: dict[str, Any]) -> None:
+    # Text frames: browsers' WebSocket API hands binary frames over as Blobs.
+    await ws.send_str(orjson.dumps(msg).decode())
+
+
+@routes.get("/ws/tasks/{id}")
+async def task_socket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    hub = request.app[HUB]
+    try:
+        sub = await hub.subscribe(request.match_info["id"])
+    except ChunkdError as exc:
+        code = CLOSE_SESSION_GONE if isinstance(exc, Gone) else CLOSE_UNKNOWN_SESSION
+        await ws.close(code=code, message=f"{exc.code}: {exc.message}".encode()[:120])
+        return ws
+    sender = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval))
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                if orjson.loads(msg.data).get("type") == "ping":
+                    with contextlib.suppress(asyncio.QueueFull):
+                        sub.queue.put_nowait({"type": "pong", "timestamp": now_iso()})
+    finally:
+        hub.unsubscribe(sub)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+    return ws
+
+
+async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float) -> None:
+    """Forward the subscriber's queue to the socket; a heartbeat whenever it is quiet."""
+    with contextlib.suppress(ConnectionError):
+        while not ws.closed:
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+            except asyncio.TimeoutError:
+                await _send(ws, {"type": "heartbeat", "timestamp": now_iso()})
+                continue
+            if isinstance(item, Close):
+                await ws.close(code=item.code, message=item.reason.encode())
+                return
+            await _send(ws, item)

@@ -1,0 +1,256 @@
+"""The progress hub: what each WebSocket subscriber of a session is told, and when.
+
+Everything a subscriber hears is derived from the store, not from in-process events, so a
+subscriber on one process sees chunks that another process received, and a subscriber that
+joins late (or after a restart) starts from the truth on disk:
+
+    store.state(session) ──► _Watch (one per watched session, only while someone listens)
+                                 │  rescans on a poke (this process counted a chunk / a task
+                                 │  moved) or every ``poll_interval`` (other processes)
+                                 ▼
+                  Subscriber queues (bounded; a subscriber that falls behind is dropped)
+
+A new subscriber first gets a snapshot (upload counts, the task's last stage); after that only
+changes. Bursts are coalesced (at most one round per ``min_gap``, so ~10 messages a second),
+and the last state is never skipped: a round always sends the newest state. When the task
+reaches a final stage (``complete`` or an error), every subscriber gets that final message once
+and is closed normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from chunkd.errors import ChunkdError, Gone, NotFound
+from chunkd.store.base import SessionState, SessionStore
+
+log = logging.getLogger("chunkd.progress")
+
+#: WebSocket close codes (4000-4999 are the application's own).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNKNOWN_SESSION = 4404
+CLOSE_SESSION_GONE = 4410
+CLOSE_TOO_SLOW = 4008
+
+FINAL_STAGES = ("complete", "failed")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def upload_message(state: SessionState) -> dict[str, Any]:
+    meta = state.meta
+    received = len(state.received)
+    return {
+        "type": "upload_progress",
+        "session_id": meta.session_id,
+        "uploaded_chunks": received,
+        "total_chunks": meta.total_chunks,
+        "percentage": int(received * 100 / meta.total_chunks),
+        "uploaded_bytes": state.received_bytes,
+        "total_bytes": meta.total_size,
+        "timestamp": now_iso(),
+    }
+
+
+def error_message(task_id: str | None, code: str, user: str, detail: str = "") -> dict[str, Any]:
+    return {
+        "type": "error",
+        "task_id": task_id,
+        "error_code": code,
+        "user_message": user,
+        "technical_detail": detail,
+        "timestamp": now_iso(),
+    }
+
+
+def task_message(state: SessionState) -> dict[str, Any] | None:
+    """The message for the task's current stage (``progress`` or ``error``), if there is a task."""
+    task_id = state.claim.task_id if state.claim is not None else None
+    if state.failure is not None:  # finalize refused the file (e.g. 415)
+        err = state.failure["error"]
+        return error_message(task_id, err["code"], err["message"], err.get("detected_type", ""))
+    task = state.task
+    if task is None:
+        return None
+    if task.get("stage") == "failed":
+        err = task.get("error") or {}
+        return error_message(
+            task["task_id"],
+            err.get("error_code", "handoff_failed"),
+            err.get("user_message", "processing failed"),
+            err.get("technical_detail", ""),
+        )
+    msg = {
+        "type": "progress",
+        "task_id": task["task_id"],
+        "stage": task.get("stage", "queued"),
+        "percentage": task.get("percentage", 0),
+        "message": task.get("message", ""),
+        "timestamp": now_iso(),
+    }
+    for key in ("result", "location"):
+        if key in task:
+            msg[key] = task[key]
+    return msg
+
+
+def _task_key(msg: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    if msg is None:
+        return None
+    return (msg["type"], msg.get("stage"), msg.get("percentage"), msg.get("message"),
+            msg.get("error_code"))
+
+
+def _is_final(msg: dict[str, Any] | None) -> bool:
+    return msg is not None and (msg["type"] == "error" or msg.get("stage") in FINAL_STAGES)
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One listener. Its queue holds messages, then ``Close`` when the stream ends."""
+
+    session_id: str
+    queue: asyncio.Queue[dict[str, Any] | Close] = field(default_factory=asyncio.Queue)
+    fresh: bool = True  # still waiting for its snapshot
+
+
+@dataclass(frozen=True)
+class Close:
+    code: int
+    reason: str
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.poke = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.upload_key: int | None = None
+        self.task_key: tuple[Any, ...] | None = None
+
+
+class ProgressHub:
+    """Per-session subscribers fed from store rescans."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        poll_interval: float = 0.5,
+        min_gap: float = 0.1,
+        queue_size: int = 256,
+    ) -> None:
+        self.store = store
+        self.poll_interval = poll_interval
+        self.min_gap = min_gap
+        self.queue_size = queue_size
+        self._watches: dict[str, _Watch] = {}
+
+    async def subscribe(self, any_id: str) -> Subscriber:
+        """Subscribe by session id or task id. Raises ``NotFound`` / ``Gone``."""
+        session_id = await self.store.resolve(any_id)
+        await self.store.get(session_id)  # unknown or gone: refuse before anything starts
+        sub = Subscriber(session_id, asyncio.Queue(self.queue_size + 1))
+        watch = self._watches.get(session_id)
+        if watch is None:
+            watch = self._watches[session_id] = _Watch()
+            watch.task = asyncio.create_task(self._run(session_id, watch))
+        watch.subscribers.add(sub)
+        watch.poke.set()
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        watch = self._watches.get(sub.session_id)
+        if watch is not None:
+            watch.subscribers.discard(sub)
+            watch.poke.set()
+
+    def poke(self, session_id: str) -> None:
+        """Something changed for this session in this process: rescan now."""
+        watch = self._watches.get(session_id)
+        if watch is not None:
+            watch.poke.set()
+
+    async def close(self) -> None:
+        """Close every stream with GOING_AWAY (server shutdown)."""
+        for watch in list(self._watches.values()):
+            for sub in list(watch.subscribers):
+                self._end(watch, sub, Close(CLOSE_GOING_AWAY, "server shutting down"))
+            if watch.task is not None:
+                watch.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch.task
+        self._watches.clear()
+
+    # -- the watch loop --------------------------------------------------------------------
+
+    async def _run(self, sid: str, watch: _Watch) -> None:
+        try:
+            while watch.subscribers:
+                watch.poke.clear()
+                try:
+                    state = await self.store.state(sid)
+                except (NotFound, Gone) as exc:
+                    self._broadcast_end(watch, exc)
+                    return
+                self._round(watch, state)
+                if not watch.subscribers:
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(watch.poke.wait(), self.poll_interval)
+                await asyncio.sleep(self.min_gap)  # coalesce bursts: ~10 rounds a second at most
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("progress watch for %s failed", sid)
+            for sub in list(watch.subscribers):
+                self._end(watch, sub, Close(1011, "internal error"))
+        finally:
+            if self._watches.get(sid) is watch:
+                del self._watches[sid]
+
+    def _round(self, watch: _Watch, state: SessionState) -> None:
+        upload = upload_message(state)
+        task = task_message(state)
+        upload_changed = upload["uploaded_chunks"] != watch.upload_key
+        task_changed = _task_key(task) != watch.task_key
+        watch.upload_key = upload["uploaded_chunks"]
+        watch.task_key = _task_key(task)
+        for sub in list(watch.subscribers):
+            if sub.fresh:
+                sub.fresh = False
+                msgs = [upload] + ([task] if task is not None else [])
+            else:
+                msgs = ([upload] if upload_changed else []) + (
+                    [task] if task_changed and task is not None else []
+                )
+            for msg in msgs:
+                self._send(watch, sub, msg)
+            if _is_final(task) and sub in watch.subscribers:
+                self._end(watch, sub, Close(CLOSE_NORMAL, "done"))
+
+    def _broadcast_end(self, watch: _Watch, exc: ChunkdError) -> None:
+        code = CLOSE_SESSION_GONE if isinstance(exc, Gone) else CLOSE_UNKNOWN_SESSION
+        for sub in list(watch.subscribers):
+            self._send(watch, sub, error_message(None, exc.code, exc.message))
+            self._end(watch, sub, Close(code, exc.message))
+
+    def _send(self, watch: _Watch, sub: Subscriber, msg: dict[str, Any]) -> None:
+        if sub.queue.qsize() >= self.queue_size:
+            # A subscriber this far behind will not catch up; it must not hold the others.
+            self._end(watch, sub, Close(CLOSE_TOO_SLOW, "subscriber too slow"))
+            return
+        sub.queue.put_nowait(msg)
+
+    def _end(self, watch: _Watch, sub: Subscriber, close: Close) -> None:
+        watch.subscribers.discard(sub)
+        with contextlib.suppress(asyncio.QueueFull):
+            sub.queue.put_nowait(close)

@@ -1,0 +1,184 @@
+"""The task runner: drives each finalized upload through its hand-off, exactly once.
+
+    finalize ──► start(upload): task.json = queued ──► take the lease ──► handoff.run(job)
+                                                                          │ report / remember
+                                                                          ▼
+                                              task.json: stage, percentage, message ... then
+                                              complete (+ result.json) or failed (+ error)
+
+All of a task's state is in its session folder, written only by the process holding the task's
+lease. Every ``rescan_interval`` each process looks for tasks that are not final and whose lease
+is stale (its owner was killed, even with -9) and takes them over; the hand-off then resumes
+from ``job.state`` (e.g. polls the service with the identifier it remembered) instead of
+starting again, and its one-time claims (``submit.once``) make a second submission impossible.
+Every change pokes the progress hub, which tells the subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from chunkd.errors import ChunkdError
+from chunkd.handoff.base import FinishedUpload, Handoff, HandoffFailed, Job
+from chunkd.progress import ProgressHub
+from chunkd.store.filesystem import LEASE_STALE_SECONDS, FileSystemStore
+
+log = logging.getLogger("chunkd.tasks")
+
+FINAL = ("complete", "failed")
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        store: FileSystemStore,
+        handoff: Handoff,
+        hub: ProgressHub,
+        *,
+        rescan_interval: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.handoff = handoff
+        self.hub = hub
+        self.rescan_interval = rescan_interval
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._rescan: asyncio.Task[None] | None = None
+
+    # -- life cycle (aiohttp cleanup_ctx) --------------------------------------------------
+
+    async def open(self) -> None:
+        self._rescan = asyncio.create_task(self._rescan_forever())
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._rescan, *self._running.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._running.clear()
+
+    # -- starting and resuming -------------------------------------------------------------
+
+    async def start(self, upload: FinishedUpload) -> dict[str, Any]:
+        """Record the new task (queued) and start its hand-off; return the task record.
+
+        An inline hand-off (the folder) finishes before this returns; the others run in the
+        background and report as they go.
+        """
+        sid = upload.meta.session_id
+        task = {
+            "task_id": upload.task_id,
+            "session_id": sid,
+            "handoff": self.handoff.name,
+            "stage": "queued",
+            "percentage": 0,
+            "message": "Queued for processing",
+            "mime_type": upload.mime_type,
+            "attempt": 1,
+            "updated_at": time.time(),
+        }
+        existing = (await self.store.state(sid)).task
+        if existing is not None:  # a finalize that took over a dead one's claim
+            return existing
+        await self.store.record_task(sid, task)
+        self.hub.poke(sid)
+        lease = await self.store.take_lease(sid)
+        if lease is None:
+            return task
+        if self.handoff.inline:
+            return await self._drive(sid, lease)
+        self._spawn(sid, lease)
+        return task
+
+    def _spawn(self, sid: str, lease: Path) -> None:
+        t = asyncio.create_task(self._drive(sid, lease))
+        self._running[sid] = t
+        t.add_done_callback(lambda _: self._running.pop(sid, None))
+
+    async def _rescan_forever(self) -> None:
+        while True:
+            try:
+                await self.resume_orphans()
+            except Exception:
+                log.exception("task rescan failed")
+            await asyncio.sleep(self.rescan_interval)
+
+    async def resume_orphans(self) -> None:
+        """Take over every unfinished task whose owner is gone (or that ``chunkd retry`` reset)."""
+        for sid in await self.store.open_tasks():
+            if sid in self._running:
+                continue
+            with contextlib.suppress(ChunkdError, FileNotFoundError):
+                lease = await self.store.take_lease(sid)
+                if lease is not None:
+                    log.info("resuming task of session %s", sid)
+                    self._spawn(sid, lease)
+
+    # -- driving one task ------------------------------------------------------------------
+
+    async def _drive(self, sid: str, lease: Path) -> dict[str, Any]:
+        state = await self.store.state(sid)
+        task = dict(state.task or {})
+        upload = FinishedUpload(
+            task_id=task["task_id"],
+            path=self.store.data_path(sid),
+            mime_type=task.get("mime_type", ""),
+            meta=state.meta,
+        )
+
+        async def save() -> None:
+            task["updated_at"] = time.time()
+            await self.store.record_task(sid, task)
+            self.hub.poke(sid)
+
+        async def report(stage: str, percentage: int, message: str) -> None:
+            if (task.get("stage"), task.get("percentage"), task.get("message")) == (
+                stage, percentage, message,
+            ):
+                return
+            task.update(stage=stage, percentage=max(0, min(100, int(percentage))), message=message)
+            await save()
+
+        async def remember(**fields: Any) -> None:
+            task.update(fields)
+            await save()
+
+        async def claim_once(name: str) -> bool:
+            return await self.store.claim_once(sid, name)
+
+        renewer = asyncio.create_task(self._renew(lease))
+        try:
+            extra = await self.handoff.run(Job(upload, task, report, remember, claim_once))
+            result = extra.pop("result", None)
+            if result is not None:
+                await self.store.record_result(sid, result)
+                task["has_result"] = True
+            task.update({"stage": "complete", "percentage": 100, "message": "Done", **extra})
+            task.pop("error", None)
+        except HandoffFailed as exc:
+            task.update(stage="failed", error=exc.to_json(), message=exc.user_message)
+        except asyncio.CancelledError:
+            raise  # shutdown: the lease goes stale and someone resumes the task
+        except Exception as exc:
+            log.exception("hand-off of session %s failed", sid)
+            task.update(
+                stage="failed", message="processing failed",
+                error=HandoffFailed("internal_error", "processing failed", repr(exc)).to_json(),
+            )
+        finally:
+            renewer.cancel()
+        await save()
+        return task
+
+    async def _renew(self, lease: Path) -> None:
+        while True:
+            await asyncio.sleep(LEASE_STALE_SECONDS / 3)
+            if not await self.store.renew_lease(lease):
+                log.warning("lost the lease %s", lease)
+                return
