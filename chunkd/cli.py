@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chunkd import __version__
+from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
 from chunkd.config import Config, ConfigError, env_name, load_config
 from chunkd.keys import DRAIN
@@ -31,6 +32,14 @@ _HELP = {
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
+    "handoff": "where finished files go: folder | whisperx | command (default folder)",
+    "whisperx_url": "WhisperX FastAPI base URL, e.g. http://127.0.0.1:8000",
+    "whisperx_token": "bearer token for the WhisperX service",
+    "whisperx_timeout": "how long the service may take to accept a file (default 1h)",
+    "whisperx_poll_interval": "how often the service's task is polled (default 2s)",
+    "handoff_command": "program run with the file path as last argument (command hand-off)",
+    "handoff_retries": "tries for a hand-off step that can succeed later (default 5)",
+    "handoff_retry_delay": "first pause between those tries, doubled each time (default 1s)",
 }
 
 
@@ -87,7 +96,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

@@ -74,6 +74,22 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     #: Seconds between WebSocket heartbeats (well inside Cloudflare's 100 s idle cut-off).
     heartbeat_interval: float = 30.0
+    #: Where finished files go: ``folder`` (completed/<task_id>/), ``whisperx`` or ``command``.
+    handoff: str = "folder"
+    #: Base URL of the WhisperX FastAPI service (``handoff=whisperx``).
+    whisperx_url: str | None = None
+    #: Bearer token sent to the WhisperX service, if it wants one.
+    whisperx_token: str | None = None
+    #: How long the service may take to answer the submission (it decodes the audio first).
+    whisperx_timeout: float = 3600.0
+    #: Seconds between two looks at the service's task.
+    whisperx_poll_interval: float = 2.0
+    #: Program run with the file's path as its last argument (``handoff=command``).
+    handoff_command: str | None = None
+    #: Tries of a hand-off step that can succeed later (service down, 5xx) before giving up.
+    handoff_retries: int = 5
+    #: First pause between those tries, doubled each time (with jitter).
+    handoff_retry_delay: float = 1.0
 
     def validate(self) -> Config:
         """Raise :class:`ConfigError` for the first bad value; return ``self`` otherwise."""
@@ -101,6 +117,18 @@ class Config:
             raise ConfigError("sweep interval must be positive")
         if not 0 < self.heartbeat_interval <= 90:
             raise ConfigError("heartbeat interval must be between 0 and 90 s (Cloudflare cuts at 100 s)")
+        if self.handoff not in ("folder", "whisperx", "command"):
+            raise ConfigError(f"handoff must be folder, whisperx or command, not {self.handoff!r}")
+        if self.handoff == "whisperx" and not re.match(r"https?://[^/]", self.whisperx_url or ""):
+            raise ConfigError("--handoff whisperx needs --whisperx-url http(s)://host[:port]")
+        if self.handoff == "command" and not (self.handoff_command or "").strip():
+            raise ConfigError("--handoff command needs --handoff-command PROGRAM")
+        if self.handoff_retries < 1:
+            raise ConfigError("handoff retries must be at least 1")
+        if self.whisperx_timeout <= 0 or self.whisperx_poll_interval <= 0:
+            raise ConfigError("whisperx timeout and poll interval must be positive")
+        if self.handoff_retry_delay < 0:
+            raise ConfigError("handoff retry delay must not be negative")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown timeout must not be negative")
         if not self.allowed_extensions:
@@ -175,6 +203,14 @@ PARSERS: dict[str, Any] = {
     "durable": parse_bool,
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
+    "handoff": str,
+    "whisperx_url": str,
+    "whisperx_token": str,
+    "whisperx_timeout": parse_duration,
+    "whisperx_poll_interval": parse_duration,
+    "handoff_command": str,
+    "handoff_retries": parse_int,
+    "handoff_retry_delay": parse_duration,
 }
 
 

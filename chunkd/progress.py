@@ -201,7 +201,10 @@ class ProgressHub:
                 except (NotFound, Gone) as exc:
                     self._broadcast_end(watch, exc)
                     return
-                self._round(watch, state)
+                result = None
+                if state.task is not None and state.task.get("has_result"):
+                    result = await self.store.read_result(sid)
+                self._round(watch, state, result)
                 if not watch.subscribers:
                     return
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -217,9 +220,11 @@ class ProgressHub:
             if self._watches.get(sid) is watch:
                 del self._watches[sid]
 
-    def _round(self, watch: _Watch, state: SessionState) -> None:
+    def _round(self, watch: _Watch, state: SessionState, result: Any = None) -> None:
         upload = upload_message(state)
         task = task_message(state)
+        if task is not None and result is not None and task["type"] == "progress":
+            task["result"] = result
         upload_changed = upload["uploaded_chunks"] != watch.upload_key
         task_changed = _task_key(task) != watch.task_key
         watch.upload_key = upload["uploaded_chunks"]

@@ -26,6 +26,8 @@ def _int_field(doc: dict[str, Any], name: str, *, required: bool = True) -> int 
         if required:
             raise InvalidField(f"{name} is required", code="missing_field", field=name)
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+        return int(value)  # orjson gives integers past 64 bits as floats: still an integer
     # bool is an int in Python; JSON true is not a size.
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidField(f"{name} must be an integer", code="invalid_type", field=name)
@@ -91,7 +93,9 @@ def check_new_session(doc: Any, config: Config) -> dict[str, Any]:
             f"total_size {total_size} is over the limit of {config.max_file_size} bytes",
             code="file_too_large", max_file_size=config.max_file_size,
         )
-    chunk_size = _int_field(doc, "chunk_size", required=False) or config.chunk_size
+    chunk_size = _int_field(doc, "chunk_size", required=False)
+    if chunk_size is None:
+        chunk_size = config.chunk_size
     if chunk_size > config.max_chunk_size:
         raise TooLarge(
             f"chunk_size {chunk_size} is over the limit of {config.max_chunk_size} bytes",

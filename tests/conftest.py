@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from aiohttp.test_utils import TestServer
+
+from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
 from chunkd.config import KiB, Config
 
@@ -32,9 +35,16 @@ def config(tmp_path: Path) -> Config:
     return Config(data_dir=tmp_path / "data", chunk_size=4 * KiB, sweep_interval=3600)
 
 
+class ChunkdTestServer(TestServer):
+    """pytest-aiohttp's real loopback server, with the runner ``chunkd serve`` uses."""
+
+    async def _make_runner(self, **kwargs):
+        return JsonErrorAppRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def client(aiohttp_client, config: Config):
-    return await aiohttp_client(make_app(config))
+    return await aiohttp_client(ChunkdTestServer(make_app(config)))
 
 
 def sha256(data: bytes) -> str:

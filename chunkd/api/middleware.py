@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from chunkd.errors import ChunkdError
 
@@ -40,7 +43,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason)
+        resp = error_response(exc.status, code, exc.reason)
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except ConnectionError as exc:
         # The client went away mid-body; nothing was counted and nobody is left to answer.
         log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
@@ -48,3 +54,41 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal_error", "an internal error occurred")
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers requests it cannot parse (a request line over 8190 bytes, a broken header)
+    before any middleware runs, in text/plain and echoing the input; chunkd answers in JSON."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if already answering
+        if status >= 500:
+            resp = error_response(status, "internal_error", "an internal error occurred")
+        else:
+            phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+            resp = error_response(
+                status, _HTTP_CODES.get(status, "bad_request"),
+                f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})",
+            )
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """An ``AppRunner`` whose unparseable-request errors are JSON too."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same object, only the handler class differs
+        return server

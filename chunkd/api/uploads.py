@@ -60,7 +60,7 @@ def _chunk_index(request: web.Request, total_chunks: int) -> int:
     text = request.query.get("index")
     if text is None:
         raise BadRequest("the query parameter index is required", code="missing_index")
-    if not re.fullmatch(r"\d{1,9}", text):
+    if not re.fullmatch(r"[0-9]{1,9}", text):
         raise BadRequest("index must be a non-negative integer", code="invalid_index")
     index = int(text)
     if index >= total_chunks:

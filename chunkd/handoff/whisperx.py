@@ -1,0 +1,233 @@
+"""The WhisperX hand-off: submit the file to a whisperX-FastAPI service and follow its task.
+
+The service's protocol (pavelzbornik/whisperX-FastAPI and forks):
+
+- ``POST /speech-to-text``: multipart field ``file``; every option is a query parameter
+  (``language``, ``model``, ``task``, ``min_speakers``, ``max_speakers``, ``batch_size``,
+  ``compute_type``, ...). Reply ``{"identifier": "<uuid>", "message": "Task queued"}``.
+  The service decodes the audio before it answers, which can take longer than any proxy timeout:
+  this runs in the background, never inside the finalize request.
+- ``GET /task/{identifier}``: ``{"status": "queued"|"processing"|"completed"|"failed",
+  "result": {"segments": [...]}, "error": ..., "metadata": {...}}``.
+- ``GET /tasks/{identifier}/progress`` (some versions): ``{"progress_stage", "progress_percentage"}``
+  with the stages the WhisperX frontend shows; used for finer progress when it exists.
+- Errors: ``{"error": {"message", "code", ...}}`` or FastAPI's ``{"detail": ...}``.
+
+Exactly once: the submission is claimed (``submit.once``) before the POST and the identifier is
+remembered right after, so a restart polls the same task. A crash between the two leaves the
+claim without an identifier; that is reported (``submission_interrupted``), never guessed at by
+submitting again. Only failures that prove the service did not take the file (it could not be
+reached, or answered 5xx/429) are retried, with backoff; a timeout or a dropped connection after
+the file went out might have been accepted, so it is reported instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import aiohttp
+import orjson
+
+from chunkd.handoff.base import STAGES, HandoffFailed, Job
+
+#: A progress_stage from the service that the frontend does not know is shown as transcribing.
+_KNOWN_STAGES = set(STAGES)
+
+
+def query_params(job: Job) -> dict[str, str]:
+    """The session's language, model and task_params as query parameters."""
+    meta = job.upload.meta
+    params: dict[str, Any] = {}
+    if meta.language:
+        params["language"] = meta.language
+    if meta.model:
+        params["model"] = meta.model
+    params.update(meta.task_params)
+    out = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        elif isinstance(value, (dict, list)):
+            out[key] = orjson.dumps(value).decode()
+        else:
+            out[key] = str(value)
+    return out
+
+
+def service_error(status: int, body: bytes) -> tuple[str, str, str]:
+    """(code, user message, technical detail) from the service's error reply."""
+    detail = body[:2000].decode("utf-8", "replace")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"http_{status}", f"The transcription service answered {status}", detail
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        err = doc["error"]
+        return str(err.get("code") or f"http_{status}"), str(err.get("message") or detail), detail
+    if isinstance(doc, dict) and "detail" in doc:
+        d = doc["detail"]
+        if isinstance(d, list):  # FastAPI validation: [{"loc": [...], "msg": "..."}]
+            msg = "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}"
+                for e in d if isinstance(e, dict)
+            )
+            return "validation_error", msg or detail, detail
+        return f"http_{status}", str(d), detail
+    return f"http_{status}", f"The transcription service answered {status}", detail
+
+
+class WhisperXHandoff:
+    name = "whisperx"
+    inline = False
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        submit_timeout: float = 3600.0,
+        poll_interval: float = 2.0,
+        retries: int = 5,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.submit_timeout = submit_timeout
+        self.poll_interval = poll_interval
+        self.retries = retries
+        self.retry_delay = retry_delay
+
+    def _backoff(self, attempt: int) -> float:
+        return self.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        async with aiohttp.ClientSession(headers=self.headers) as http:
+            identifier = job.state.get("identifier")
+            if identifier is None:
+                if not await job.claim_once("submit"):
+                    raise HandoffFailed(
+                        "submission_interrupted",
+                        "chunkd stopped while sending this file to the transcription service, "
+                        "so it may or may not have it; `chunkd retry <task_id>` sends it again",
+                    )
+                await job.report("queued", 0, "Sending the file to the transcription service")
+                identifier = await self._submit(http, job)
+                await job.remember(identifier=identifier)
+                await job.report("queued", 0, "Queued for transcription")
+            return await self._follow(http, job, identifier)
+
+    async def _submit(self, http: aiohttp.ClientSession, job: Job) -> str:
+        url = f"{self.base_url}/speech-to-text"
+        params = query_params(job)
+        last = ""
+        for attempt in range(1, self.retries + 1):
+            try:
+                with open(job.upload.path, "rb") as f:
+                    form = aiohttp.FormData()
+                    # aiohttp streams a file object in 64 KiB reads: memory stays flat.
+                    form.add_field("file", f, filename=job.upload.meta.filename,
+                                   content_type=job.upload.mime_type or "application/octet-stream")
+                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                    sock_read=self.submit_timeout)
+                    async with http.post(url, params=params, data=form, timeout=timeout) as resp:
+                        body = await resp.read()
+                        status = resp.status
+            except aiohttp.ClientConnectorError as exc:
+                last = f"cannot reach {self.base_url}: {exc}"
+            except asyncio.TimeoutError:
+                raise HandoffFailed(
+                    "service_timeout",
+                    f"The transcription service did not answer within {self.submit_timeout:g} s; "
+                    "it may still be working on the file. `chunkd retry <task_id>` sends it again",
+                ) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise HandoffFailed(
+                    "service_disconnected",
+                    "The connection to the transcription service broke while it had the file",
+                    repr(exc),
+                ) from None
+            else:
+                if 200 <= status < 300:
+                    try:
+                        return str(orjson.loads(body)["identifier"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        raise HandoffFailed(
+                            "bad_service_reply", "The transcription service's reply had no "
+                            "task identifier", body[:2000].decode("utf-8", "replace"),
+                        ) from None
+                code, message, detail = service_error(status, body)
+                if status < 500 and status != 429:
+                    raise HandoffFailed(code, message, detail)  # it will not get better
+                last = f"{status} {code}: {message}"
+            if attempt < self.retries:
+                await asyncio.sleep(self._backoff(attempt))
+        raise HandoffFailed(
+            "service_unavailable",
+            f"The transcription service did not take the file after {self.retries} tries",
+            last,
+        )
+
+    async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str) -> dict[str, Any]:
+        failures = 0
+        has_progress = True
+        timeout = aiohttp.ClientTimeout(total=60)
+        while True:
+            try:
+                async with http.get(f"{self.base_url}/task/{identifier}", timeout=timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                if status >= 500 or status == 429:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=status, message=body[:500].decode("utf-8", "replace")
+                    )
+                if status != 200:
+                    code, message, detail = service_error(status, body)
+                    raise HandoffFailed(code, message, detail)
+                doc = orjson.loads(body)
+                state = doc.get("status")
+                if state == "completed":
+                    return {"result": doc.get("result"), "identifier": identifier,
+                            "message": "Transcription complete"}
+                if state == "failed":
+                    error = doc.get("error") or "The transcription failed"
+                    raise HandoffFailed("transcription_failed", str(error),
+                                        body[:2000].decode("utf-8", "replace"))
+                stage, pct = ("queued", 0) if state in ("queued", "pending") else ("transcribing", 10)
+                if has_progress and state not in ("queued", "pending"):
+                    found = await self._progress(http, identifier, timeout)
+                    if found is None:
+                        has_progress = False
+                    else:
+                        stage, pct = found
+                await job.report(stage, pct, f"{stage.capitalize()}")
+                failures = 0
+            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+                failures += 1
+                if failures >= self.retries:
+                    raise HandoffFailed(
+                        "service_unreachable",
+                        f"Lost contact with the transcription service after {failures} tries",
+                        repr(exc),
+                    ) from None
+                await asyncio.sleep(self._backoff(failures))
+                continue
+            await asyncio.sleep(self.poll_interval)
+
+    async def _progress(
+        self, http: aiohttp.ClientSession, identifier: str, timeout: aiohttp.ClientTimeout
+    ) -> tuple[str, int] | None:
+        """The finer stage from ``/tasks/{id}/progress``; None when the service has no such route."""
+        async with http.get(f"{self.base_url}/tasks/{identifier}/progress", timeout=timeout) as resp:
+            if resp.status in (404, 405):
+                return None
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+            doc = await resp.json(loads=orjson.loads)
+        stage = doc.get("progress_stage") or "transcribing"
+        if stage not in _KNOWN_STAGES or stage == "complete":
+            stage = "transcribing"  # "complete" is said once, with the result
+        return stage, int(doc.get("progress_percentage") or 0)
