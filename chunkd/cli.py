@@ -17,7 +17,10 @@ from chunkd import __version__
 from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
 from chunkd.config import Config, ConfigError, env_name, load_config
+from chunkd.errors import ChunkdError
 from chunkd.keys import DRAIN
+from chunkd.store.filesystem import FileSystemStore
+from chunkd.tasks import retry_task
 
 _HELP = {
     "data_dir": "folder for sessions and finished files (default ./data)",
@@ -72,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=f.name, metavar="VALUE",
                            help=f"{_HELP[f.name]} [{env_name(f.name)}]")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    retry = sub.add_parser(
+        "retry",
+        help="hand a failed task off again",
+        description="Queue a failed task again; a running chunkd on the same data dir picks it "
+        "up within seconds (or at its next start).",
+    )
+    retry.add_argument("task_id")
+    retry.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                       help=f"{_HELP['data_dir']} [{env_name('data_dir')}]")
     return parser
 
 
@@ -133,7 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             uvloop.run(serve(config))
         return 0
+    if args.command == "retry":
+        return _retry(args)
     return 2
+
+
+def _retry(args: argparse.Namespace) -> int:
+    try:
+        config = load_config({"data_dir": args.data_dir})
+        if not (config.data_dir / "sessions").is_dir():
+            raise ConfigError(f"{config.data_dir} is not a chunkd data dir")
+        store = FileSystemStore(config.data_dir)
+        task = asyncio.run(retry_task(store, args.task_id))
+    except (ConfigError, ChunkdError, OSError) as exc:
+        print(f"chunkd: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    print(f"task {task['task_id']} queued again (attempt {task['attempt']}); a running chunkd on "
+          f"{config.data_dir} takes it within seconds")
+    return 0
 
 
 if __name__ == "__main__":

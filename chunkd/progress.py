@@ -71,16 +71,27 @@ def error_message(task_id: str | None, code: str, user: str, detail: str = "") -
     }
 
 
-def task_message(state: SessionState) -> dict[str, Any] | None:
-    """The message for the task's current stage (``progress`` or ``error``), if there is a task."""
+def _progress(task_id: str, step: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "progress",
+        "task_id": task_id,
+        "stage": step.get("stage", "queued"),
+        "percentage": step.get("percentage", 0),
+        "message": step.get("message", ""),
+        "timestamp": now_iso(),
+    }
+
+
+def final_message(state: SessionState, result: Any = None) -> dict[str, Any] | None:
+    """The task's final message (``complete`` or ``error``), or None while it runs."""
     task_id = state.claim.task_id if state.claim is not None else None
     if state.failure is not None:  # finalize refused the file (e.g. 415)
         err = state.failure["error"]
         return error_message(task_id, err["code"], err["message"], err.get("detected_type", ""))
     task = state.task
-    if task is None:
+    if task is None or task.get("stage") not in FINAL_STAGES:
         return None
-    if task.get("stage") == "failed":
+    if task["stage"] == "failed":
         err = task.get("error") or {}
         return error_message(
             task["task_id"],
@@ -88,29 +99,33 @@ def task_message(state: SessionState) -> dict[str, Any] | None:
             err.get("user_message", "processing failed"),
             err.get("technical_detail", ""),
         )
-    msg = {
-        "type": "progress",
-        "task_id": task["task_id"],
-        "stage": task.get("stage", "queued"),
-        "percentage": task.get("percentage", 0),
-        "message": task.get("message", ""),
-        "timestamp": now_iso(),
-    }
-    for key in ("result", "location"):
-        if key in task:
-            msg[key] = task[key]
+    msg = _progress(task["task_id"], task)
+    if result is not None:
+        msg["result"] = result
+    if "location" in task:
+        msg["location"] = task["location"]
     return msg
 
 
-def _task_key(msg: dict[str, Any] | None) -> tuple[Any, ...] | None:
-    if msg is None:
-        return None
-    return (msg["type"], msg.get("stage"), msg.get("percentage"), msg.get("message"),
-            msg.get("error_code"))
+def task_messages(state: SessionState, since: int | None, result: Any = None
+                  ) -> tuple[list[dict[str, Any]], int]:
+    """Messages for the task's steps after ``since`` (None: a snapshot of its latest step).
 
-
-def _is_final(msg: dict[str, Any] | None) -> bool:
-    return msg is not None and (msg["type"] == "error" or msg.get("stage") in FINAL_STAGES)
+    Steps come from the task's ``history`` (appended by its one writer), so no stage is ever
+    skipped, however fast they follow each other. Returns the messages and the new position.
+    """
+    final = final_message(state, result)
+    task = state.task or {}
+    history = task.get("history", [])
+    if since is None:
+        if final is not None:
+            return [final], len(history)
+        return ([_progress(task["task_id"], history[-1])] if history else []), len(history)
+    msgs = [_progress(task["task_id"], step) for step in history[since:]
+            if step.get("stage") not in FINAL_STAGES]
+    if final is not None:
+        msgs.append(final)
+    return msgs, len(history)
 
 
 @dataclass(eq=False)
@@ -120,6 +135,7 @@ class Subscriber:
     session_id: str
     queue: asyncio.Queue[dict[str, Any] | Close] = field(default_factory=asyncio.Queue)
     fresh: bool = True  # still waiting for its snapshot
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # snapshot queued (or ended)
 
 
 @dataclass(frozen=True)
@@ -134,7 +150,7 @@ class _Watch:
         self.poke = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.upload_key: int | None = None
-        self.task_key: tuple[Any, ...] | None = None
+        self.task_pos = 0
 
 
 class ProgressHub:
@@ -165,6 +181,7 @@ class ProgressHub:
             watch.task = asyncio.create_task(self._run(session_id, watch))
         watch.subscribers.add(sub)
         watch.poke.set()
+        await sub.ready.wait()  # the snapshot goes first, before anything else is queued
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -222,24 +239,21 @@ class ProgressHub:
 
     def _round(self, watch: _Watch, state: SessionState, result: Any = None) -> None:
         upload = upload_message(state)
-        task = task_message(state)
-        if task is not None and result is not None and task["type"] == "progress":
-            task["result"] = result
         upload_changed = upload["uploaded_chunks"] != watch.upload_key
-        task_changed = _task_key(task) != watch.task_key
         watch.upload_key = upload["uploaded_chunks"]
-        watch.task_key = _task_key(task)
+        news, pos = task_messages(state, watch.task_pos, result)
+        watch.task_pos = pos
+        final = final_message(state, result) is not None
         for sub in list(watch.subscribers):
             if sub.fresh:
                 sub.fresh = False
-                msgs = [upload] + ([task] if task is not None else [])
+                sub.ready.set()
+                msgs = [upload, *task_messages(state, None, result)[0]]
             else:
-                msgs = ([upload] if upload_changed else []) + (
-                    [task] if task_changed and task is not None else []
-                )
+                msgs = ([upload] if upload_changed else []) + news
             for msg in msgs:
                 self._send(watch, sub, msg)
-            if _is_final(task) and sub in watch.subscribers:
+            if final and sub in watch.subscribers:
                 self._end(watch, sub, Close(CLOSE_NORMAL, "done"))
 
     def _broadcast_end(self, watch: _Watch, exc: ChunkdError) -> None:
@@ -257,5 +271,6 @@ class ProgressHub:
 
     def _end(self, watch: _Watch, sub: Subscriber, close: Close) -> None:
         watch.subscribers.discard(sub)
+        sub.ready.set()
         with contextlib.suppress(asyncio.QueueFull):
             sub.queue.put_nowait(close)

@@ -31,6 +31,8 @@ from chunkd.store.filesystem import LEASE_STALE_SECONDS, FileSystemStore
 log = logging.getLogger("chunkd.tasks")
 
 FINAL = ("complete", "failed")
+#: Steps kept in a task's history (a WhisperX task has a handful; a chatty command may have more).
+MAX_HISTORY = 500
 
 
 class TaskRunner:
@@ -83,6 +85,8 @@ class TaskRunner:
             "attempt": 1,
             "updated_at": time.time(),
         }
+        task["history"] = [{"stage": "queued", "percentage": 0, "message": task["message"],
+                            "at": task["updated_at"]}]
         existing = (await self.store.state(sid)).task
         if existing is not None:  # a finalize that took over a dead one's claim
             return existing
@@ -134,6 +138,12 @@ class TaskRunner:
 
         async def save() -> None:
             task["updated_at"] = time.time()
+            step = {k: task.get(k) for k in ("stage", "percentage", "message")}
+            history = task.setdefault("history", [])
+            if not history or {k: history[-1].get(k) for k in step} != step:
+                # Every step is kept, so a subscriber sees each stage even when they come fast.
+                history.append({**step, "at": task["updated_at"]})
+                del history[:-MAX_HISTORY]
             await self.store.record_task(sid, task)
             self.hub.poke(sid)
 
@@ -174,6 +184,7 @@ class TaskRunner:
         finally:
             renewer.cancel()
         await save()
+        await self.store.release_lease(lease)
         return task
 
     async def _renew(self, lease: Path) -> None:
@@ -182,3 +193,28 @@ class TaskRunner:
             if not await self.store.renew_lease(lease):
                 log.warning("lost the lease %s", lease)
                 return
+
+
+async def retry_task(store: FileSystemStore, task_id: str) -> dict[str, Any]:
+    """Queue a failed task again (``chunkd retry``): a running chunkd picks it up within seconds.
+
+    Its one-time claims are kept as history and freed, so the hand-off submits or runs once more.
+    """
+    sid = await store.resolve(task_id)
+    state = await store.state(sid)
+    task = state.task
+    if task is None or task.get("task_id") != task_id:
+        raise ChunkdError(f"no task {task_id}", code="task_not_found")
+    if task.get("stage") != "failed":
+        raise ChunkdError(f"task {task_id} is {task.get('stage')}, not failed", code="not_failed")
+    if not store.data_path(sid).exists():
+        raise ChunkdError(f"the file of task {task_id} is gone; it cannot be retried",
+                          code="file_gone")
+    for name in ("submit", "run"):
+        await store.release_once(sid, name)
+    for key in ("error", "identifier", "has_result"):
+        task.pop(key, None)
+    task.update(stage="queued", percentage=0, message="Queued again by chunkd retry",
+                attempt=int(task.get("attempt", 1)) + 1, updated_at=time.time())
+    await store.record_task(sid, task)
+    return task

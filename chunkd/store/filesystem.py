@@ -498,6 +498,11 @@ class FileSystemStore:
         except FileNotFoundError:
             return False
 
+    async def release_lease(self, lease: Path) -> None:
+        """The task is over: drop the lease so a retried task is taken at once."""
+        with contextlib.suppress(FileNotFoundError):
+            await aiofiles.os.unlink(lease)
+
     async def open_tasks(self) -> list[str]:
         """Sessions whose task has not reached a final stage (for resuming after a restart)."""
         def run() -> list[str]:
