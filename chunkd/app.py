@@ -20,11 +20,15 @@ from chunkd.tasks import TaskRunner
 
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Resume unfinished tasks at start; on stop, close the sockets and stop the tasks."""
+    """Resume unfinished tasks at start; stop them on the way out (a restart resumes them)."""
     await app[RUNNER].open()
     yield
-    await app[HUB].close()
     await app[RUNNER].close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: tell every WebSocket GOING_AWAY before aiohttp cancels the handlers."""
+    await app[HUB].close()
 
 
 def make_app(config: Config) -> web.Application:
@@ -42,4 +46,5 @@ def make_app(config: Config) -> web.Application:
     app.add_routes(ws_routes)
     app.cleanup_ctx.append(sweeper_ctx)
     app.cleanup_ctx.append(_tasks_ctx)
+    app.on_shutdown.append(_close_sockets)
     return app

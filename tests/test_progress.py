@@ -222,6 +222,16 @@ async def test_service_errors_reach_the_subscriber_and_keep_the_file(
         assert double.posts == 3
 
 
+async def test_service_down_is_retried_then_reported(aiohttp_client, tmp_path, unused_tcp_port):
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx", handoff_retries=3,
+                                 whisperx_url=f"http://127.0.0.1:{unused_tcp_port}")
+    sid, msgs = await upload_and_follow(client, "speech.wav", SPEECH)
+    final = msgs[-1]
+    assert final["type"] == "error" and final["error_code"] == "service_unavailable"
+    assert "3 tries" in final["user_message"] and "cannot reach" in final["technical_detail"]
+    assert client.server.app[STORE].data_path(sid).exists()
+
+
 async def test_never_answering_service_times_out_and_retry_works(aiohttp_client, double_url, tmp_path):
     double = WhisperXDouble(hang=True)
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",

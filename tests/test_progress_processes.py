@@ -123,3 +123,19 @@ async def test_real_speech_all_the_way_through_chunkd_serve(server_factory, aioh
     assert sub["params"] == {"language": "en", "model": "large-v3", "task": "transcribe",
                              "min_speakers": "1", "max_speakers": "2", "batch_size": "4",
                              "compute_type": "int8"}
+
+
+async def test_sigterm_closes_sockets_with_going_away(server_factory):
+    srv = server_factory()
+    async with aiohttp.ClientSession() as http:
+        sid = await create(http, srv.url, SPEECH)
+        ws = await http.ws_connect(f"{srv.url}/ws/tasks/{sid}")
+        first = await asyncio.wait_for(ws.receive(), 5)
+        assert orjson.loads(first.data)["type"] == "upload_progress"
+        assert srv.proc is not None
+        srv.proc.send_signal(15)
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1001
+    srv.proc.wait(20)
+    assert srv.proc.returncode == 0

@@ -138,7 +138,7 @@ def status_document(state: SessionState) -> dict[str, Any]:
     if state.claim is not None and state.claim.task_id:
         doc["task_id"] = state.claim.task_id
     if state.task is not None:
-        doc["task"] = state.task
+        doc["task"] = {k: v for k, v in state.task.items() if k != "history"}
     if state.failure is not None:
         doc["error"] = state.failure["error"]
     return doc
