@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from chunkd import __version__
+from chunkd import __version__, bench
+from chunkd.client import upload_command
 from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
 from chunkd.config import Config, ConfigError, env_name, load_config
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("task_id")
     retry.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                        help=f"{_HELP['data_dir']} [{env_name('data_dir')}]")
+    upload_command.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -97,7 +100,16 @@ def describe(config: Config, url: str) -> str:
         f"  sessions     expire after {_duration(config.session_ttl)}, swept every "
         f"{_duration(config.sweep_interval)}",
         f"  durability   {'fdatasync every chunk' if config.durable else 'off (no fsync)'}",
+        f"  hand-off     {_handoff_line(config)}",
     ])
+
+
+def _handoff_line(config: Config) -> str:
+    if config.handoff == "whisperx":
+        return f"whisperx at {config.whisperx_url}"
+    if config.handoff == "command":
+        return f"command: {config.handoff_command}"
+    return f"folder {(config.data_dir / 'completed').resolve()}"
 
 
 async def serve(config: Config) -> None:
@@ -147,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "retry":
         return _retry(args)
+    if args.command == "upload":
+        return upload_command.run(args)
+    if args.command == "bench":
+        return bench.run(args)
     return 2
 
 
