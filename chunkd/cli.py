@@ -36,6 +36,7 @@ _HELP = {
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
+    "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
     "whisperx_url": "WhisperX FastAPI base URL, e.g. http://127.0.0.1:8000",
     "whisperx_token": "bearer token for the WhisperX service",

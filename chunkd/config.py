@@ -72,6 +72,8 @@ class Config:
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: A chunk body that sends nothing for this long is cut off with 408 (slow-loris guard).
+    body_timeout: float = 60.0
     #: Seconds between WebSocket heartbeats (well inside Cloudflare's 100 s idle cut-off).
     heartbeat_interval: float = 30.0
     #: Where finished files go: ``folder`` (completed/<task_id>/), ``whisperx`` or ``command``.
@@ -115,6 +117,8 @@ class Config:
             raise ConfigError("session lifetime must be positive")
         if self.sweep_interval <= 0:
             raise ConfigError("sweep interval must be positive")
+        if self.body_timeout <= 0:
+            raise ConfigError("body timeout must be positive")
         if not 0 < self.heartbeat_interval <= 90:
             raise ConfigError("heartbeat interval must be between 0 and 90 s (Cloudflare cuts at 100 s)")
         if self.handoff not in ("folder", "whisperx", "command"):
@@ -203,6 +207,7 @@ PARSERS: dict[str, Any] = {
     "durable": parse_bool,
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
+    "body_timeout": parse_duration,
     "handoff": str,
     "whisperx_url": str,
     "whisperx_token": str,

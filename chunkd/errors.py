@@ -5,6 +5,7 @@
      │    └── ChecksumMismatch       400  checksum_mismatch: body does not match X-Chunk-Checksum
      ├── NotFound                    404  unknown session or route
      ├── MethodNotAllowed            405
+     ├── RequestTimeout              408  the body stopped arriving
      ├── Conflict                    409  state conflict (missing chunks, already finalized, ...)
      ├── Gone                        410  session expired or aborted
      ├── TooLarge                    413  file, chunk or body over a limit
@@ -76,6 +77,11 @@ class NotFound(ChunkdError):
 class MethodNotAllowed(ChunkdError):
     status = 405
     code = "method_not_allowed"
+
+
+class RequestTimeout(ChunkdError):
+    status = 408
+    code = "request_timeout"
 
 
 class Conflict(ChunkdError):

@@ -105,7 +105,10 @@ async def put_chunk(request: web.Request) -> web.Response:
             code="chunk_incomplete", expected_bytes=expected, received_bytes=declared,
         )
     sha256 = _checksum(request)
-    receipt = await store.put_chunk(meta, index, request.content.iter_any(), sha256=sha256)
+    receipt = await store.put_chunk(
+        meta, index, request.content.iter_any(), sha256=sha256,
+        idle_timeout=request.app[CONFIG].body_timeout,
+    )
     request.app[HUB].poke(meta.session_id)
     done = receipt.received == meta.total_chunks
     return json_response(

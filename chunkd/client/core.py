@@ -27,7 +27,8 @@ import aiohttp
 import orjson
 
 #: Error codes worth sending the same chunk again for.
-RETRY_CODES = {"checksum_mismatch", "chunk_incomplete", "client_disconnected", "shutting_down"}
+RETRY_CODES = {"checksum_mismatch", "chunk_incomplete", "client_disconnected", "shutting_down",
+               "chunk_busy", "body_timeout", "server_busy"}
 PIECE = 1024 * 1024
 
 

@@ -33,14 +33,16 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import socket
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from chunkd.errors import (
     Gone,
     InsufficientStorage,
     NotFound,
+    RequestTimeout,
     TooLarge,
 )
 from chunkd.store.base import ChunkReceipt, Claim, SessionMeta, SessionState
@@ -271,18 +274,36 @@ class FileSystemStore:
         body: AsyncIterable[bytes],
         *,
         sha256: str | None = None,
+        idle_timeout: float | None = None,
     ) -> ChunkReceipt:
         sid = meta.session_id
         expected = meta.chunk_length(index)
+        offset = meta.chunk_offset(index)
         marker = self._marker(sid, index)
-        if await asyncio.to_thread(self._already_counted, sid, marker):
-            await _drain(body, expected)
-            received = await asyncio.to_thread(self._received, sid)
-            return ChunkReceipt(index, len(received), already_received=True)
-
+        if idle_timeout is not None:
+            body = _with_idle_timeout(body, idle_timeout)
+        try:
+            fd = await _open_async(self.data_path(sid), os.O_WRONLY)
+        except FileNotFoundError:
+            await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
+            self._raise_missing(sid)
         self.inflight[sid] = self.inflight.get(sid, 0) + 1
         try:
-            digest = await self._write_range(sid, meta.chunk_offset(index), expected, body, sha256)
+            # One writer per chunk, in any process: an OFD lock on the chunk's byte range. Every
+            # check below happens under it, so a chunk counted by someone else is never written
+            # again, and no write can land after finalize (which needs every chunk counted).
+            await _lock_range(fd, offset, expected, index)
+            stored = await asyncio.to_thread(self._already_counted, sid, marker)
+            if stored is not None:
+                if sha256 is not None and stored and stored != sha256:
+                    raise Conflict(
+                        f"chunk {index} was already received with other content",
+                        code="chunk_conflict", stored_sha256=stored,
+                    )
+                await _drain(body, expected)
+                received = await asyncio.to_thread(self._received, sid)
+                return ChunkReceipt(index, len(received), already_received=True)
+            digest = await self._write_range(fd, offset, expected, body, sha256)
             if sha256 is not None and digest != sha256:
                 raise ChecksumMismatch(
                     f"chunk {index} does not match its X-Chunk-Checksum; send it again",
@@ -295,12 +316,16 @@ class FileSystemStore:
                 self.inflight[sid] = left
             else:
                 del self.inflight[sid]
+            await _close_async(fd)  # also releases the range lock
         return ChunkReceipt(index, len(received), already_received=False)
 
-    def _already_counted(self, sid: str, marker: Path) -> bool:
-        """One thread hop before a chunk: is the session still open, is this chunk counted?"""
+    def _already_counted(self, sid: str, marker: Path) -> str | None:
+        """Is the session still open (else raise), and is this chunk counted (its digest)?"""
         self._check_open_for_chunks(sid)
-        return marker.exists()
+        try:
+            return marker.read_text()
+        except FileNotFoundError:
+            return None
 
     def _check_open_for_chunks(self, sid: str) -> None:
         claim = self._read_claim(sid)
@@ -314,7 +339,7 @@ class FileSystemStore:
         self._raise_gone(sid, claim.kind)
 
     async def _write_range(
-        self, sid: str, offset: int, length: int, body: AsyncIterable[bytes], sha256: str | None
+        self, fd: int, offset: int, length: int, body: AsyncIterable[bytes], sha256: str | None
     ) -> str | None:
         """Stream exactly ``length`` bytes of ``body`` to the data file at ``offset``.
 
@@ -323,10 +348,6 @@ class FileSystemStore:
         sha256 when ``sha256`` was given. The range is tus-ready: any offset, any length.
         """
         hasher = hashlib.sha256() if sha256 is not None else None
-        try:
-            fd = await _open_async(self.data_path(sid), os.O_WRONLY)
-        except FileNotFoundError:
-            self._raise_missing(sid)
         pending: asyncio.Future[None] | None = None
         try:
             buf = bytearray()
@@ -364,10 +385,9 @@ class FileSystemStore:
             raise
         finally:
             if pending is not None:
-                # A thread cannot be cancelled: let its write finish before closing the file.
+                # A thread cannot be cancelled: let its write finish before the file is closed.
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(pending)
-            await _close_async(fd)
         return hasher.hexdigest() if hasher is not None else None
 
     def _count_chunk(self, sid: str, index: int, digest: str | None) -> frozenset[int]:
@@ -618,6 +638,47 @@ class FileSystemStore:
                 return False  # being finalized right now
         self._remove_sync(sid, "expire")
         return True
+
+
+#: How long a chunk waits for another upload of the same chunk to finish before answering 409.
+CHUNK_LOCK_WAIT_SECONDS = 30.0
+
+
+async def _lock_range(fd: int, offset: int, length: int, index: int) -> None:
+    """Take an exclusive OFD lock on [offset, offset+length), polling up to a bound."""
+    request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
+    deadline = time.monotonic() + CHUNK_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.fcntl(fd, _F_OFD_SETLK, request)  # non-blocking, no thread needed
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() > deadline:
+            raise Conflict(
+                f"chunk {index} is being uploaded by another request; try again later",
+                code="chunk_busy",
+            )
+        await asyncio.sleep(0.02)
+
+
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux open-file-description locks
+
+
+async def _with_idle_timeout(body: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """The body, but a client that sends nothing for ``seconds`` gets 408 (slow-loris guard)."""
+    it = aiter(body)
+    while True:
+        try:
+            data = await asyncio.wait_for(anext(it), seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"no chunk data arrived for {seconds:g} s", code="body_timeout"
+            ) from None
+        yield data
 
 
 def _too_long(length: int) -> TooLarge:

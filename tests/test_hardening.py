@@ -1,0 +1,89 @@
+"""Hostile and unlucky timing: duplicate writers, slow bodies, conflicting resends."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import chunkd.store.filesystem as fs
+from chunkd.app import make_app
+from chunkd.config import Config
+from conftest import MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, sha256
+
+SPEECH = (MEDIA / "speech.wav").read_bytes()
+CHUNK = 65536
+
+
+async def raw_partial(client, sid: str, index: int, body: bytes, sent: int):
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"POST /upload/chunked/{sid}/chunk?index={index} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:sent])
+    await writer.drain()
+    return reader, writer
+
+
+async def status_line(reader) -> bytes:
+    return (await asyncio.wait_for(reader.readline(), 10)).strip()
+
+
+async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client):
+    parts = chunks_of(SPEECH, CHUNK)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    for i, part in enumerate(parts):
+        assert (await put_chunk(client, sid, i, part)).status == 200
+    junk = b"#!/bin/sh\necho pwned\n".ljust(CHUNK, b"#")
+    reader, writer = await raw_partial(client, sid, 1, junk, CHUNK // 2)
+    await asyncio.sleep(0.2)
+    final = await (await client.post(f"/upload/chunked/{sid}/finalize")).json()
+    writer.write(junk[CHUNK // 2 :])
+    await writer.drain()
+    assert b"200" in await status_line(reader)  # read and dropped: the chunk was counted
+    writer.close()
+    assert sha256(Path(final["location"]).read_bytes()) == sha256(SPEECH)
+
+
+async def test_one_writer_per_chunk(client, monkeypatch):
+    monkeypatch.setattr(fs, "CHUNK_LOCK_WAIT_SECONDS", 0.3)
+    parts = chunks_of(SPEECH, CHUNK)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    reader, writer = await raw_partial(client, sid, 0, parts[0], 1000)
+    await asyncio.sleep(0.2)
+    resp = await put_chunk(client, sid, 0, parts[0])
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "chunk_busy"
+    writer.write(parts[0][1000:])
+    await writer.drain()
+    assert b"200" in await status_line(reader)
+    writer.close()
+    resp = await put_chunk(client, sid, 0, parts[0])
+    assert resp.status == 200 and (await resp.json())["already_received"] is True
+
+
+async def test_resend_with_other_content_is_a_conflict(client):
+    parts = chunks_of(SPEECH, CHUNK)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    assert (await put_chunk(client, sid, 0, parts[0],
+                            **{"X-Chunk-Checksum": "sha256=" + sha256(parts[0])})).status == 200
+    other = bytes(CHUNK)
+    resp = await put_chunk(client, sid, 0, other, **{"X-Chunk-Checksum": "sha256=" + sha256(other)})
+    assert resp.status == 409
+    err = (await resp.json())["error"]
+    assert err["code"] == "chunk_conflict" and err["stored_sha256"] == sha256(parts[0])
+
+
+async def test_a_silent_body_is_cut_off(aiohttp_client, tmp_path):
+    config = Config(data_dir=tmp_path / "data", chunk_size=4096, body_timeout=0.5)
+    client = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    parts = chunks_of(SPEECH, CHUNK)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    reader, writer = await raw_partial(client, sid, 2, parts[2], 100)
+    line = await status_line(reader)
+    assert b"408" in line
+    body = await asyncio.wait_for(reader.readuntil(b"}}"), 5)
+    assert b'"code":"body_timeout"' in body
+    writer.close()
+    status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+    assert status["missing_chunks"] == [0, 1, 2, 3]
+    assert client.server.app  # the server still serves
+    assert (await put_chunk(client, sid, 2, parts[2])).status == 200
