@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.config import Config
 from chunkd.drain import Drain
+from chunkd.finalize import finalize
 from chunkd.handoff import make_handoff
 from chunkd.keys import CONFIG, DRAIN, HUB, RUNNER, STORE
 from chunkd.progress import ProgressHub
@@ -41,7 +43,8 @@ def make_app(config: Config) -> web.Application:
     app[DRAIN] = drain
     app[STORE] = store
     app[HUB] = hub
-    app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
+    runner = app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
+    runner.recover = functools.partial(finalize, store, runner)
     app.add_routes(upload_routes)
     app.add_routes(ws_routes)
     app.cleanup_ctx.append(sweeper_ctx)

@@ -41,6 +41,8 @@ async def finalize(store: SessionStore, runner: TaskRunner, session_id: str) -> 
                 code="chunks_missing", missing_chunks=state.missing,
             )
         claim = await store.claim_end(session_id, "finalize")
+        if claim.kind == "expire":
+            raise Gone("this upload session has expired", code="session_expired")
         if claim.kind != "finalize":
             raise Gone("this upload session was aborted", code="session_aborted")
         if claim.won:

@@ -174,7 +174,8 @@ class ProgressHub:
         """Subscribe by session id or task id. Raises ``NotFound`` / ``Gone``."""
         session_id = await self.store.resolve(any_id)
         await self.store.get(session_id)  # unknown or gone: refuse before anything starts
-        sub = Subscriber(session_id, asyncio.Queue(self.queue_size + 1))
+        # Room past queue_size is kept for the Close, so the end is never lost.
+        sub = Subscriber(session_id, asyncio.Queue(self.queue_size + 2))
         watch = self._watches.get(session_id)
         if watch is None:
             watch = self._watches[session_id] = _Watch()

@@ -21,12 +21,13 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chunkd.errors import ChunkdError
 from chunkd.handoff.base import FinishedUpload, Handoff, HandoffFailed, Job
 from chunkd.progress import ProgressHub
-from chunkd.store.filesystem import LEASE_STALE_SECONDS, FileSystemStore
+from chunkd.store.filesystem import LEASE_STALE_SECONDS, FileSystemStore, LeaseLost
 
 log = logging.getLogger("chunkd.tasks")
 
@@ -49,6 +50,8 @@ class TaskRunner:
         self.hub = hub
         self.rescan_interval = rescan_interval
         self._running: dict[str, asyncio.Task[None]] = {}
+        #: Finishes a finalize whose process died after claiming it (set by the app).
+        self.recover: Callable[[str], Awaitable[Any]] | None = None
         self._rescan: asyncio.Task[None] | None = None
 
     # -- life cycle (aiohttp cleanup_ctx) --------------------------------------------------
@@ -114,7 +117,15 @@ class TaskRunner:
             await asyncio.sleep(self.rescan_interval)
 
     async def resume_orphans(self) -> None:
-        """Take over every unfinished task whose owner is gone (or that ``chunkd retry`` reset)."""
+        """Take over every unfinished task whose owner is gone (or that ``chunkd retry`` reset),
+        and finish every finalize whose process died between its claim and its task."""
+        if self.recover is not None:
+            for sid in await self.store.stuck_finalizing():
+                try:
+                    await self.recover(sid)
+                    log.info("finished the interrupted finalize of session %s", sid)
+                except ChunkdError as exc:
+                    log.info("interrupted finalize of session %s: %s", sid, exc.message)
         for sid in await self.store.open_tasks():
             if sid in self._running:
                 continue
@@ -138,13 +149,15 @@ class TaskRunner:
 
         async def save() -> None:
             task["updated_at"] = time.time()
+            if lost.is_set():
+                raise LeaseLost(str(lease))
             step = {k: task.get(k) for k in ("stage", "percentage", "message")}
             history = task.setdefault("history", [])
             if not history or {k: history[-1].get(k) for k in step} != step:
                 # Every step is kept, so a subscriber sees each stage even when they come fast.
                 history.append({**step, "at": task["updated_at"]})
                 del history[:-MAX_HISTORY]
-            await self.store.record_task(sid, task)
+            await self.store.record_task(sid, task, lease=lease)
             self.hub.poke(sid)
 
         async def report(stage: str, percentage: int, message: str) -> None:
@@ -162,7 +175,8 @@ class TaskRunner:
         async def claim_once(name: str) -> bool:
             return await self.store.claim_once(sid, name)
 
-        renewer = asyncio.create_task(self._renew(lease))
+        lost = asyncio.Event()
+        renewer = asyncio.create_task(self._renew(lease, asyncio.current_task(), lost))
         try:
             extra = await self.handoff.run(Job(upload, task, report, remember, claim_once))
             result = extra.pop("result", None)
@@ -173,7 +187,13 @@ class TaskRunner:
             task.pop("error", None)
         except HandoffFailed as exc:
             task.update(stage="failed", error=exc.to_json(), message=exc.user_message)
+        except LeaseLost:
+            log.warning("session %s: another process took the task over; stopping here", sid)
+            return task
         except asyncio.CancelledError:
+            if lost.is_set():  # cancelled by _renew: another process drives the task now
+                log.warning("session %s: lease lost; stopped the hand-off here", sid)
+                return task
             raise  # shutdown: the lease goes stale and someone resumes the task
         except Exception as exc:
             log.exception("hand-off of session %s failed", sid)
@@ -183,15 +203,22 @@ class TaskRunner:
             )
         finally:
             renewer.cancel()
-        await save()
+        try:
+            await save()
+        except LeaseLost:
+            return task
         await self.store.release_lease(lease)
         return task
 
-    async def _renew(self, lease: Path) -> None:
+    async def _renew(self, lease: Path, driver: asyncio.Task[Any] | None, lost: asyncio.Event
+                     ) -> None:
+        """Keep the lease fresh; if it was taken over, stop the driver: one writer per task."""
         while True:
             await asyncio.sleep(LEASE_STALE_SECONDS / 3)
             if not await self.store.renew_lease(lease):
-                log.warning("lost the lease %s", lease)
+                lost.set()
+                if driver is not None:
+                    driver.cancel()
                 return
 
 

@@ -124,7 +124,12 @@ def check_new_session(doc: Any, config: Config) -> dict[str, Any]:
         task_params = {}
     if not isinstance(task_params, dict):
         raise InvalidField("task_params must be an object", code="invalid_type", field="task_params")
-    if len(orjson.dumps(task_params)) > MAX_TASK_PARAMS_BYTES:
+    try:
+        encoded = orjson.dumps(task_params)
+    except orjson.JSONEncodeError:  # e.g. nested deeper than orjson writes
+        raise InvalidField("task_params is nested too deeply", code="invalid_value",
+                           field="task_params") from None
+    if len(encoded) > MAX_TASK_PARAMS_BYTES:
         raise InvalidField("task_params is too large", code="invalid_value", field="task_params")
     return {
         "filename": filename,

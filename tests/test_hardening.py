@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+
 import chunkd.store.filesystem as fs
 from chunkd.app import make_app
 from chunkd.config import Config
@@ -87,3 +89,56 @@ async def test_a_silent_body_is_cut_off(aiohttp_client, tmp_path):
     assert status["missing_chunks"] == [0, 1, 2, 3]
     assert client.server.app  # the server still serves
     assert (await put_chunk(client, sid, 2, parts[2])).status == 200
+
+
+async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, monkeypatch):
+    import chunkd.finalize as fin
+    from chunkd.keys import RUNNER, STORE
+
+    monkeypatch.setattr(fin, "WAIT_FOR_WINNER_SECONDS", 0.2)
+    store, runner = client.server.app[STORE], client.server.app[RUNNER]
+    parts = chunks_of(SPEECH, CHUNK)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    for i, part in enumerate(parts):
+        await put_chunk(client, sid, i, part)
+    claim = await store.claim_end(sid, "finalize")  # a process that claimed, then died
+    resp = await client.post(f"/upload/chunked/{sid}/finalize")
+    assert resp.status == 202
+    doc = await resp.json()
+    assert doc["status"] == "finalizing" and doc["task_id"] == claim.task_id
+    monkeypatch.setattr(fs, "STALE_CLAIM_SECONDS", 0.0)
+    await runner.resume_orphans()
+    status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+    assert status["status"] == "completed" and status["task_id"] == claim.task_id
+    assert sha256(Path(status["task"]["location"]).read_bytes()) == sha256(SPEECH)
+
+
+async def test_unreadable_bodies_and_nested_params_are_clear_errors(client):
+    import gzip
+
+    deep: dict = {}
+    node = deep
+    for _ in range(300):
+        node["x"] = {}
+        node = node["x"]
+    body = {"filename": "a.wav", "total_size": 10, "total_chunks": 1, "task_params": deep}
+    resp = await client.post("/upload/chunked/session", data=__import__("json").dumps(body),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "task_params"
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    try:
+        resp = await client.post(f"/upload/chunked/{sid}/chunk", params={"index": "0"},
+                                 data=b"not gzip at all" * 100,
+                                 headers={"Content-Type": "application/octet-stream",
+                                          "Content-Encoding": "gzip"})
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_body"
+    except aiohttp.ServerDisconnectedError:
+        pass  # aiohttp may drop the connection once it cannot decode: never a 500 though
+    status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+    assert status["received_chunks"] == 0
+    good = gzip.compress(chunks_of(SPEECH, CHUNK)[0])
+    resp = await client.post(f"/upload/chunked/{sid}/chunk", params={"index": "0"}, data=good,
+                             headers={"Content-Type": "application/octet-stream",
+                                      "Content-Encoding": "gzip"})
+    assert resp.status == 200  # a compressed body counts by its decoded length

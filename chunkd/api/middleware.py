@@ -8,7 +8,8 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from chunkd.errors import ChunkdError
@@ -46,6 +47,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = error_response(exc.status, code, exc.reason)
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # The body could not be decoded (bad Content-Encoding, broken chunked framing, ...).
+        log.info("%s %s: unreadable body (%s)", request.method, request.path, exc)
+        resp = error_response(400, "invalid_body", "the request body could not be read")
+        resp.force_close()  # the rest of the stream is unusable: tell the client not to reuse it
         return resp
     except ConnectionError as exc:
         # The client went away mid-body; nothing was counted and nobody is left to answer.

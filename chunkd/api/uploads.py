@@ -93,7 +93,10 @@ async def put_chunk(request: web.Request) -> web.Response:
             "send chunk bodies as application/octet-stream", code="unsupported_content_type"
         )
     expected = meta.chunk_length(index)
-    declared = request.content_length
+    # With a Content-Encoding, Content-Length counts the encoded bytes: only the decoded body
+    # can be checked (the store counts it).
+    encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
+    declared = None if encoded else request.content_length
     if declared is not None and declared > expected:
         raise TooLarge(
             f"chunk {index} must be {expected} bytes, Content-Length says {declared}",
@@ -158,6 +161,11 @@ async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     task = await finalize(request.app[STORE], request.app[RUNNER], sid)
     request.app[HUB].poke(sid)
+    if task.get("stage") == "finalizing":  # another request (or process) is still at it
+        return json_response({
+            "session_id": sid, "task_id": task["task_id"], "status": Phase.FINALIZING.value,
+            "message": "The file is still being checked; ask again (same task id)",
+        }, status=202)
     doc = {
         "session_id": sid,
         "task_id": task["task_id"],

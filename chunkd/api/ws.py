@@ -44,9 +44,10 @@ async def task_socket(request: web.Request) -> web.WebSocketResponse:
             if msg.type != WSMsgType.TEXT:
                 continue
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                if orjson.loads(msg.data).get("type") == "ping":
-                    with contextlib.suppress(asyncio.QueueFull):
-                        sub.queue.put_nowait({"type": "pong", "timestamp": now_iso()})
+                if orjson.loads(msg.data).get("type") == "ping" and (
+                    sub.queue.qsize() < hub.queue_size  # a ping flood never crowds out the Close
+                ):
+                    sub.queue.put_nowait({"type": "pong", "timestamp": now_iso()})
     finally:
         hub.unsubscribe(sub)
         sender.cancel()

@@ -42,6 +42,7 @@ import socket
 import struct
 import time
 import uuid
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ from chunkd.errors import (
 )
 from chunkd.store.base import ChunkReceipt, Claim, SessionMeta, SessionState
 
+log = logging.getLogger("chunkd.store")
+
 #: Bytes gathered from the network before one write to disk (one thread hop per buffer).
 WRITE_BUFFER = 512 * 1024
 #: A finalize claim with no outcome after this long is taken to be from a dead process.
@@ -78,6 +81,24 @@ _SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 
 def is_session_id(text: str) -> bool:
     return _SESSION_ID.fullmatch(text) is not None
+
+
+class LeaseLost(Exception):
+    """This process no longer drives the task: another one took it over."""
+
+
+def _lease_generations(folder: Path) -> list[int]:
+    return [int(n[6:]) for n in os.listdir(folder) if n.startswith("lease.") and n[6:].isdigit()]
+
+
+def _holds(lease: Path) -> bool:
+    """Is ``lease`` still the newest generation, and not released?"""
+    try:
+        if max(_lease_generations(lease.parent), default=0) != int(lease.name[6:]):
+            return False
+        return not orjson.loads(lease.read_bytes() or b"{}").get("released")
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return False
 
 
 def _pwrite_all(
@@ -423,7 +444,7 @@ class FileSystemStore:
         d = self._dir(sid)
         tmp = d / f".end.{uuid.uuid4().hex}.tmp"
         try:
-            write_json_atomic(tmp, doc, durable=self.durable)
+            write_json_atomic(tmp, doc)
         except FileNotFoundError:
             self._raise_missing(sid)
         index = self.tasks_dir / doc["task_id"] if doc["task_id"] else None
@@ -447,14 +468,21 @@ class FileSystemStore:
     def stale(self, claim: Claim, now: float | None = None) -> bool:
         return (now or time.time()) - claim.claimed_at > STALE_CLAIM_SECONDS
 
-    async def record_task(self, session_id: str, task: dict[str, Any]) -> None:
-        await asyncio.to_thread(
-            write_json_atomic, self._dir(session_id) / "task.json", task, durable=self.durable
-        )
+    async def record_task(
+        self, session_id: str, task: dict[str, Any], *, lease: Path | None = None
+    ) -> None:
+        """Replace the task's state; with ``lease``, only while that lease is still current
+        (raises :class:`LeaseLost` otherwise, so a process that was taken over stops writing)."""
+        def run() -> None:
+            if lease is not None and not _holds(lease):
+                raise LeaseLost(str(lease))
+            write_json_atomic(self._dir(session_id) / "task.json", task)
+
+        await asyncio.to_thread(run)
 
     async def record_failure(self, session_id: str, error: dict[str, Any]) -> None:
         def run() -> None:
-            write_json_atomic(self._dir(session_id) / "failed.json", error, durable=self.durable)
+            write_json_atomic(self._dir(session_id) / "failed.json", error)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.data_path(session_id))
 
@@ -464,9 +492,7 @@ class FileSystemStore:
         return await asyncio.to_thread(read_json, self._dir(session_id) / "result.json")
 
     async def record_result(self, session_id: str, result: Any) -> None:
-        await asyncio.to_thread(
-            write_json_atomic, self._dir(session_id) / "result.json", result, durable=self.durable
-        )
+        await asyncio.to_thread(write_json_atomic, self._dir(session_id) / "result.json", result)
 
     # -- tasks: one-time claims and leases -------------------------------------------------
 
@@ -497,7 +523,7 @@ class FileSystemStore:
 
     def _take_lease_sync(self, sid: str) -> Path | None:
         d = self._dir(sid)
-        gens = [int(n[6:]) for n in os.listdir(d) if n.startswith("lease.") and n[6:].isdigit()]
+        gens = _lease_generations(d)
         nxt = 1
         if gens:
             current = d / f"lease.{max(gens)}"
@@ -522,7 +548,7 @@ class FileSystemStore:
             owner = orjson.loads(lease.read_bytes() or b"{}")
         except (FileNotFoundError, orjson.JSONDecodeError):
             return True
-        if age > LEASE_STALE_SECONDS:
+        if age > LEASE_STALE_SECONDS or owner.get("released"):
             return True
         if owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid():
             try:
@@ -536,24 +562,40 @@ class FileSystemStore:
     async def renew_lease(self, lease: Path) -> bool:
         """Touch the lease; False if it was lost (another process took over)."""
         def run() -> bool:
-            newest = max(
-                (int(n[6:]) for n in os.listdir(lease.parent)
-                 if n.startswith("lease.") and n[6:].isdigit()), default=0,
-            )
-            if newest != int(lease.name[6:]):
+            if not _holds(lease):
                 return False
             os.utime(lease)
             return True
 
-        try:
-            return await asyncio.to_thread(run)
-        except FileNotFoundError:
-            return False
+        return await asyncio.to_thread(run)
 
     async def release_lease(self, lease: Path) -> None:
-        """The task is over: drop the lease so a retried task is taken at once."""
-        with contextlib.suppress(FileNotFoundError):
-            await aiofiles.os.unlink(lease)
+        """The task is over: mark the lease released, so a retried task is taken at once. (It is
+        not deleted: generations only grow, so an old owner can never think it holds it again.)"""
+        def run() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                write_json_atomic(lease, {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "released": True})
+
+        await asyncio.to_thread(run)
+
+    async def stuck_finalizing(self) -> list[str]:
+        """Sessions whose finalize claim is stale with no outcome: its process died mid-way."""
+        def run() -> list[str]:
+            out = []
+            for entry in os.scandir(self.sessions_dir):
+                if not is_session_id(entry.name):
+                    continue
+                with contextlib.suppress(ValueError, KeyError, OSError):
+                    claim = self._read_claim(entry.name)
+                    d = Path(entry.path)
+                    if (claim is not None and claim.kind == "finalize" and self.stale(claim)
+                            and not (d / "task.json").exists()
+                            and not (d / "failed.json").exists()):
+                        out.append(entry.name)
+            return out
+
+        return await asyncio.to_thread(run)
 
     async def open_tasks(self) -> list[str]:
         """Sessions whose task has not reached a final stage (for resuming after a restart)."""
@@ -562,7 +604,10 @@ class FileSystemStore:
             for entry in os.scandir(self.sessions_dir):
                 if not is_session_id(entry.name):
                     continue
-                task = read_json(Path(entry.path) / "task.json")
+                try:
+                    task = read_json(Path(entry.path) / "task.json")
+                except ValueError:  # unreadable: reported by requests on it, skipped here
+                    continue
                 if task is not None and task.get("stage") not in ("complete", "failed"):
                     out.append(entry.name)
             return out
@@ -598,8 +643,11 @@ class FileSystemStore:
                 continue
             if not is_session_id(name) or name in busy:
                 continue
-            if self._sweep_one(name, now):
-                removed.append(name)
+            try:
+                if self._sweep_one(name, now):
+                    removed.append(name)
+            except (ValueError, KeyError, OSError) as exc:  # one bad session must not stop the rest
+                log.warning("sweep: skipping session %s: %r", name, exc)
         for entry in os.scandir(self.trash_dir):
             shutil.rmtree(entry.path, ignore_errors=True)
         ttl_floor = now - 7 * 86400
@@ -634,8 +682,8 @@ class FileSystemStore:
             if task is not None and task.get("stage") not in ("complete", "failed"):
                 return False  # its task is still running
             finished = task is not None or (self._dir(sid) / "failed.json").exists()
-            if not finished and not self.stale(claim, now):
-                return False  # being finalized right now
+            if not finished:
+                return False  # being finalized (or waiting for the task runner to finish it)
         self._remove_sync(sid, "expire")
         return True
 
