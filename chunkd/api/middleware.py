@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from http import HTTPStatus
 
@@ -54,6 +55,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = error_response(400, "invalid_body", "the request body could not be read")
         resp.force_close()  # the rest of the stream is unusable: tell the client not to reuse it
         return resp
+    except OSError as exc:
+        if isinstance(exc, ConnectionError):
+            # The client went away mid-body; nothing was counted and nobody is left to answer.
+            log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
+            return error_response(400, "client_disconnected", "the connection was closed")
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            log.warning("%s %s: out of file descriptors", request.method, request.path)
+            resp = error_response(503, "server_busy", "the server is busy; retry in a moment")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "an internal error occurred")
     except ConnectionError as exc:
         # The client went away mid-body; nothing was counted and nobody is left to answer.
         log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
