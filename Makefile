@@ -26,5 +26,10 @@ libmagic:
 	@$(BIN)/python -c 'import magic' 2>/dev/null || ./scripts/install-libmagic.sh
 	@$(BIN)/python -c 'import magic'
 
+# Side-by-side measurements (raw disk, chunkd, tus peers) -> docs/BENCHMARKS.md + docs/benchmarks.png.
+# Installs the peers (tuspyserver, @tus/server) under benchmarks/.peers/ on first use.
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

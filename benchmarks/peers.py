@@ -1,0 +1,604 @@
+#!/usr/bin/env python3
+"""chunkd vs the servers a user would pick instead: tuspyserver (FastAPI, uvicorn) and @tus/server.
+
+Run from the repository root with the project's venv (the peers install themselves on first use
+into benchmarks/.peers/, never into chunkd's environment):
+
+    .venv/bin/python benchmarks/peers.py [--runs 3] [--size-mib 2048] [--json out.json]
+
+Servers, each its own process on 127.0.0.1 and a free port, with a fresh data dir on the same disk:
+
+* chunkd --durable off (like the peers, which never fsync) and chunkd --durable on (its default),
+* tuspyserver (``create_tus_router`` mounted in a FastAPI app, one uvicorn process with uvloop and
+  httptools, as ``uvicorn[standard]`` installs them),
+* @tus/server + @tus/file-store on Node.js.
+
+Loads, the same bytes for every server (chunkd's ``GeneratedSource`` behind a real WAV header),
+50 MiB chunks:
+
+* ``1x``: one upload of ``--size-mib`` (2 GiB), chunks one after the other. tus is sequential
+  within an upload (each PATCH carries the ``Upload-Offset`` the last one ended at); chunkd is
+  measured the same way, and once more with its client's default of 4 chunks in flight.
+* ``4x``: four uploads of a quarter of that in parallel, each sequential.
+
+Measured: throughput (all bytes / first creation POST to last chunk acknowledged), the latency of
+every chunk request (PATCH / chunk POST; p50 and p95), the server's peak RSS (VmHWM of the server
+process and its children, read before it is stopped; a fresh process per measurement), the
+server's CPU time, and "finalize": for chunkd the ``POST .../finalize`` round trip; tus has no
+finalize, so for the peers it is how much longer the last PATCH of an upload took than its bytes
+take at the average speed of the upload's other PATCHes (the work they do at completion: tuspyserver runs its completion
+hook, a no-op here, after rewriting its .info file; @tus/server emits its finish event and runs
+``onUploadFinish``, none here; neither moves, copies nor checks the file). Every measurement is
+repeated ``--runs`` times, interleaved (one full round per run), and reported as the median.
+
+A raw-write baseline (the same bytes written with plain Python in 50 MiB writes, no sync) runs in
+the same rounds, for chunkd / raw.
+
+Bounded: a timeout on every request and subprocess, servers stopped by PID (SIGTERM, then SIGKILL)
+in ``finally`` blocks, each data dir removed after its measurement, only 127.0.0.1 used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import core  # noqa: E402  (benchmarks/core.py: helpers shared with the core benchmark)
+from core import (  # noqa: E402
+    AUDIO_HEAD, GiB, MiB, REPO, SERVER_START_TIMEOUT, SERVER_STOP_TIMEOUT, Results, human,
+    mb_per_s, read_proc_stat, read_proc_status, say,
+)
+
+from chunkd.client import ChunkdClient, GeneratedSource  # noqa: E402
+
+PEERS = HERE / ".peers"
+PY_VENV = PEERS / "py"
+PY_BIN = PY_VENV / "bin" / "python"
+NODE_DIR = PEERS / "node"
+SRC = HERE / "peer_servers"
+INSTALL_TIMEOUT = 900.0          #: seconds, each pip / npm install
+REQUEST_TIMEOUT = 300.0          #: seconds, every HTTP request of the benchmark
+TUS = "1.0.0"
+
+SERVERS = {
+    "chunkd-off": "chunkd --durable off",
+    "chunkd-on": "chunkd --durable on",
+    "tuspyserver": "tuspyserver (uvicorn)",
+    "tus-node": "@tus/server (Node)",
+}
+PEER_KINDS = ("tuspyserver", "tus-node")
+
+
+# -- installing the peers (idempotent) ------------------------------------------------------------
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> None:
+    say("  $ " + " ".join(shlex.quote(c) for c in cmd))
+    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=INSTALL_TIMEOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def ensure_py_venv() -> Path:
+    """benchmarks/.peers/py with tuspyserver, uvicorn, fastapi and matplotlib; returns its python."""
+    stamp = PY_VENV / ".installed"
+    want = _digest(SRC / "requirements.txt")
+    if PY_BIN.exists() and stamp.exists() and stamp.read_text() == want:
+        return PY_BIN
+    say("installing the Python peer into benchmarks/.peers/py (once) ...")
+    base = shutil.which("python3") or sys.executable
+    if not PY_BIN.exists():
+        _run([base, "-m", "venv", str(PY_VENV)])
+    _run([str(PY_BIN), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    _run([str(PY_BIN), "-m", "pip", "install", "--quiet", "-r", str(SRC / "requirements.txt")])
+    stamp.write_text(want)
+    return PY_BIN
+
+
+def ensure_node() -> Path:
+    """benchmarks/.peers/node with @tus/server and @tus/file-store; returns server.mjs there."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise SystemExit("node and npm are needed for the @tus/server peer")
+    NODE_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = NODE_DIR / ".installed"
+    want = _digest(SRC / "package.json")
+    if not (stamp.exists() and stamp.read_text() == want
+            and (NODE_DIR / "node_modules" / "@tus" / "server").is_dir()):
+        say("installing the Node.js peer into benchmarks/.peers/node (once) ...")
+        shutil.copyfile(SRC / "package.json", NODE_DIR / "package.json")
+        _run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR)
+        stamp.write_text(want)
+    # ESM resolves "@tus/server" next to the importing file, so the server lives beside node_modules.
+    shutil.copyfile(SRC / "server.mjs", NODE_DIR / "server.mjs")
+    return NODE_DIR / "server.mjs"
+
+
+def ensure_peers() -> None:
+    ensure_py_venv()
+    ensure_node()
+
+
+def peer_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        pv = subprocess.run(
+            [str(PY_BIN), "-c", "from importlib.metadata import version as v; print(' '.join("
+             "f'{p}={v(p)}' for p in ('tuspyserver','fastapi','starlette','uvicorn','uvloop',"
+             "'httptools')))"], capture_output=True, text=True, timeout=60).stdout.split()
+        out.update(dict(x.split("=", 1) for x in pv))
+    for pkg in ("server", "file-store"):
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads((NODE_DIR / "node_modules" / "@tus" / pkg / "package.json").read_text())
+            out[f"@tus/{pkg}"] = doc["version"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout.strip()
+    return out
+
+
+# -- peer server processes --------------------------------------------------------------------------
+
+
+class PeerServer:
+    """A tus server subprocess on 127.0.0.1 and a free port, with its own fresh data dir."""
+
+    def __init__(self, kind: str, scratch: Path) -> None:
+        self.kind = kind
+        self.scratch = scratch
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
+        self.log = scratch / f"{self.data_dir.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def command(self) -> tuple[list[str], Path]:
+        if self.kind == "tuspyserver":
+            return [str(PY_BIN), str(SRC / "tus_py_app.py"), str(self.data_dir)], HERE
+        if self.kind == "tus-node":
+            return ["node", str(NODE_DIR / "server.mjs"), str(self.data_dir)], NODE_DIR
+        raise ValueError(self.kind)
+
+    def start(self) -> PeerServer:
+        cmd, cwd = self.command()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            first = self.log.read_text(errors="replace").split("\n", 1)
+            if len(first) == 2 and " listening on " in first[0]:
+                self.url = first[0].rsplit(" ", 1)[1] + "/files/"
+                if not self.url.startswith("http://127.0.0.1:"):
+                    raise RuntimeError(f"server listens somewhere unexpected: {first[0]}")
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.kind} did not start:\n"
+                           f"{self.log.read_text(errors='replace')[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(SERVER_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(5)
+        finally:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.log.unlink()
+
+    def __enter__(self) -> PeerServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def make_server(kind: str, scratch: Path) -> Any:
+    if kind == "chunkd-off":
+        return core.Server(scratch, durable=False)
+    if kind == "chunkd-on":
+        return core.Server(scratch, durable=True)
+    return PeerServer(kind, scratch)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant (uvicorn/node workers, if any) still alive."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_hwm(root: int) -> int:
+    return sum(read_proc_status(p).get("VmHWM", 0) for p in process_tree(root))
+
+
+def tree_cpu(root: int) -> float:
+    total = 0.0
+    for p in process_tree(root):
+        user, system, _ = read_proc_stat(p)
+        if user == user:  # not NaN
+            total += user + system
+    return total
+
+
+# -- the clients -----------------------------------------------------------------------------------
+
+
+@dataclass
+class OneUpload:
+    size: int
+    latencies: list[float]     # seconds per chunk request, in order
+    finalize: float            # seconds (see the module docstring)
+
+
+def source_for(size: int, seed: int) -> GeneratedSource:
+    return GeneratedSource(size, name="bench.wav", header=AUDIO_HEAD.read_bytes(), seed=seed)
+
+
+async def chunkd_upload(client: ChunkdClient, size: int, seed: int) -> tuple[OneUpload, str]:
+    """Through chunkd's own client (no checksums: GeneratedSource has none); not finalized."""
+    source = source_for(size, seed)
+    res = await client.upload(source, finalize=False)
+    if res.retries:
+        raise RuntimeError(f"chunkd upload needed {res.retries} retries")
+    return OneUpload(size, res.chunk_latencies, 0.0), res.session_id
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode("ascii")
+
+
+async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: int, seed: int
+                     ) -> OneUpload:
+    """tus 1.0: POST (creation) with Upload-Length, then PATCHes one after the other."""
+    source = source_for(size, seed)
+    async with http.post(url, headers={
+        "Tus-Resumable": TUS, "Upload-Length": str(size), "Content-Length": "0",
+        "Upload-Metadata": f"filename {_b64(source.name)},filetype {_b64('audio/wav')}",
+    }) as resp:
+        await resp.read()
+        if resp.status != 201 or "Location" not in resp.headers:
+            raise RuntimeError(f"tus POST -> {resp.status} {dict(resp.headers)}")
+        location = urljoin(url, resp.headers["Location"])
+    latencies: list[float] = []
+    lengths: list[int] = []
+    offset = 0
+    while offset < size:
+        length = min(chunk, size - offset)
+        t0 = time.perf_counter()
+        async with http.patch(location, data=source.pieces(offset, length), headers={
+            "Tus-Resumable": TUS, "Upload-Offset": str(offset), "Content-Length": str(length),
+            "Content-Type": "application/offset+octet-stream",
+        }) as resp:
+            body = await resp.read()
+            if resp.status != 204:
+                raise RuntimeError(f"tus PATCH @{offset} -> {resp.status}: {body[:300]!r}")
+            got = int(resp.headers.get("Upload-Offset", -1))
+        latencies.append(time.perf_counter() - t0)
+        lengths.append(length)
+        if got != offset + length:
+            raise RuntimeError(f"tus PATCH @{offset}+{length}: server says offset {got}")
+        offset = got
+    async with http.head(location, headers={"Tus-Resumable": TUS}) as resp:
+        await resp.read()
+        if int(resp.headers.get("Upload-Offset", -1)) != size:
+            raise RuntimeError(f"tus HEAD after upload: {resp.status} {dict(resp.headers)}")
+    # The last PATCH minus what its bytes would have taken at the other PATCHes' average speed.
+    extra = (latencies[-1] - sum(latencies[:-1]) / sum(lengths[:-1]) * lengths[-1]
+             if len(latencies) > 1 else float("nan"))
+    return OneUpload(size, latencies, extra)
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    total: int
+    latencies: list[float]
+    finalize: list[float]
+    hwm: int
+    server_cpu: float
+    client_cpu: float
+
+
+async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_flight: int
+                  ) -> Measurement:
+    """One fresh server; ``len(sizes)`` uploads in parallel; server stopped, data dir removed."""
+    with make_server(kind, scratch) as server:
+        cpu0, ccpu0 = tree_cpu(server.pid), time.process_time()
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=30)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=timeout) as http:
+            finalize: list[float] = []
+            if kind.startswith("chunkd"):
+                client = ChunkdClient(server.url, parallel=in_flight, chunk_size=chunk,
+                                      retries=1, timeout=REQUEST_TIMEOUT, session=http)
+                t0 = time.perf_counter()
+                done = await asyncio.gather(*(chunkd_upload(client, s, i)
+                                              for i, s in enumerate(sizes)))
+                seconds = time.perf_counter() - t0
+                cpu1, ccpu1 = tree_cpu(server.pid), time.process_time()
+                ups = [u for u, _ in done]
+                for _, sid in done:  # one after the other: the round trip alone
+                    f0 = time.perf_counter()
+                    doc = await client.finalize(sid)
+                    finalize.append(time.perf_counter() - f0)
+                    if doc.get("status") != "processing":
+                        raise RuntimeError(f"unexpected finalize answer: {doc}")
+            else:
+                t0 = time.perf_counter()
+                ups = await asyncio.gather(*(tus_upload(http, server.url, s, chunk, i)
+                                             for i, s in enumerate(sizes)))
+                seconds = time.perf_counter() - t0
+                cpu1, ccpu1 = tree_cpu(server.pid), time.process_time()
+                finalize = [u.finalize for u in ups]
+        hwm = tree_hwm(server.pid)
+    return Measurement(seconds, sum(sizes), [x for u in ups for x in u.latencies], finalize, hwm,
+                       cpu1 - cpu0, ccpu1 - ccpu0)
+
+
+# -- the rounds ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    key: str
+    label: str
+    sizes: list[int]
+    in_flight: int            # chunks in flight per upload (tus: always 1)
+    kinds: tuple[str, ...]
+
+
+def scenarios(size: int) -> list[Scenario]:
+    quarter = size // 4
+    every = tuple(SERVERS)
+    return [
+        Scenario("1x", f"1 upload of {human(size)}, chunks sequential", [size], 1, every),
+        Scenario("4x", f"4 uploads of {human(quarter)} in parallel, each sequential",
+                 [quarter] * 4, 1, every),
+        Scenario("1x-p4", f"1 upload of {human(size)}, 4 chunks in flight (chunkd only; "
+                 "tus cannot)", [size], 4, ("chunkd-off", "chunkd-on")),
+    ]
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def record(res: Results, key: str, m: Measurement) -> None:
+    res.add(f"{key}:mbps", mb_per_s(m.total, m.seconds), "MB/s")
+    res.add(f"{key}:p50", pct(m.latencies, 50) * 1000, "ms")
+    res.add(f"{key}:p95", pct(m.latencies, 95) * 1000, "ms")
+    res.add(f"{key}:finalize", statistics.fmean(m.finalize) * 1000, "ms")
+    res.add(f"{key}:hwm", m.hwm / MiB, "MiB")
+    res.add(f"{key}:server_cpu", m.server_cpu, "CPU s")
+    res.add(f"{key}:client_cpu", m.client_cpu, "CPU s")
+    res.add(f"{key}:chunks", len(m.latencies), "n")
+
+
+async def amain(args: argparse.Namespace, scratch: Path) -> Results:
+    size = args.size_mib * MiB
+    chunk = args.chunk_mib * MiB
+    only = set(args.only.split(",")) if args.only else set(SERVERS)
+    free = shutil.disk_usage(scratch).free
+    if free < size + 2 * GiB:
+        raise SystemExit(f"not enough free disk in {scratch}: {free / GiB:.1f} GiB free")
+    say(f"generating {human(size)} of test data for the raw baseline and priming ...")
+    data = core.make_data(size + MiB)
+    res = Results()
+    raw_dir = Path(tempfile.mkdtemp(prefix="raw-", dir=scratch))
+    try:
+        core.raw_write(raw_dir / "warm.bin", data, size, "write")  # untimed warm-up
+        for run in range(1, args.runs + 1):
+            say(f"peers run {run}/{args.runs}")
+            core.prime(scratch, data, size)
+            seconds = core.raw_write(raw_dir / "raw.bin", data, size, "write")
+            res.add("raw:write", mb_per_s(size, seconds), "MB/s")
+            say(f"  raw write {human(size)}, 50 MiB writes, no sync: {mb_per_s(size, seconds):.0f} MB/s")
+            for sc in scenarios(size):
+                for kind in sc.kinds:
+                    if kind not in only:
+                        continue
+                    core.prime(scratch, data, size)  # same page-cache state for every server
+                    m = await measure(kind, scratch, sc.sizes, chunk, sc.in_flight)
+                    record(res, f"{sc.key}:{kind}", m)
+                    say(f"  {sc.key:5} {SERVERS[kind]:24} {mb_per_s(m.total, m.seconds):6.0f} MB/s"
+                        f"  chunk p50 {pct(m.latencies, 50) * 1000:6.1f} ms"
+                        f" p95 {pct(m.latencies, 95) * 1000:6.1f} ms"
+                        f"  finalize {statistics.fmean(m.finalize) * 1000:6.1f} ms"
+                        f"  VmHWM {m.hwm / MiB:6.1f} MiB  server CPU {m.server_cpu:5.2f} s"
+                        f"  client CPU {m.client_cpu:5.2f} s")
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+    return res
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def _f(v: float, unit: str) -> str:
+    if v != v:
+        return "n/a"
+    if unit in ("ms", "CPU s"):
+        return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+    if unit == "MiB":
+        return f"{v:.1f}"
+    return f"{v:.0f}"
+
+
+def report(doc: dict[str, Any]) -> str:
+    """Markdown tables from the JSON that ``main`` writes (also used by run.py)."""
+    r = doc["results"]
+    size = doc["size_bytes"]
+
+    def med(key: str) -> float:
+        return r[key]["median"] if key in r else float("nan")
+
+    def runs(key: str) -> str:
+        return ", ".join(_f(v, r[key]["unit"]) for v in r[key]["runs"]) if key in r else ""
+
+    out = ["## chunkd vs tus servers\n"]
+    out.append(f"Command: `{doc['command']}`  ")
+    out.append(f"Runs: {doc['runs']} (medians; MB/s = 10^6 bytes/s), chunk size "
+               f"{human(doc['chunk_bytes'])}. Raw baseline: {human(size)} written with plain Python "
+               f"in 50 MiB writes, no sync, same disk, same rounds: "
+               f"**{med('raw:write'):.0f} MB/s** [{runs('raw:write')}].\n")
+    out.append("| peer | versions |")
+    out.append("|---|---|")
+    v = doc.get("versions", {})
+    out.append("| tuspyserver | " + ", ".join(f"{k} {v[k]}" for k in (
+        "tuspyserver", "fastapi", "starlette", "uvicorn", "uvloop", "httptools") if k in v) +
+        "; one uvicorn process |")
+    out.append("| @tus/server | " + ", ".join(f"{k} {v[k]}" for k in (
+        "@tus/server", "@tus/file-store", "node") if k in v) + "; one node process |")
+    out.append("")
+    for sc in scenarios(size):
+        out.append(f"### {sc.label}\n")
+        out.append("| server | throughput | runs | chunkd off ÷ this | chunkd on ÷ this | "
+                   "this ÷ raw | chunk p50 | chunk p95 | finalize* | peak RSS (VmHWM) | "
+                   "server CPU s | client CPU s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        ref = med(f"{sc.key}:chunkd-off:mbps")
+        ref_on = med(f"{sc.key}:chunkd-on:mbps")
+        for kind in sc.kinds:
+            k = f"{sc.key}:{kind}"
+            if f"{k}:mbps" not in r:
+                continue
+            mbps = med(f"{k}:mbps")
+            out.append(
+                f"| {SERVERS[kind]} | {mbps:.0f} MB/s | [{runs(k + ':mbps')}] | "
+                f"{ref / mbps:.2f} x | {ref_on / mbps:.2f} x | {mbps / med('raw:write'):.2f} x | "
+                f"{_f(med(k + ':p50'), 'ms')} ms | {_f(med(k + ':p95'), 'ms')} ms | "
+                f"{_f(med(k + ':finalize'), 'ms')} ms | {med(k + ':hwm'):.1f} MiB | "
+                f"{med(k + ':server_cpu'):.2f} | {med(k + ':client_cpu'):.2f} |")
+        out.append("")
+    out.append("\\* finalize: chunkd, the `POST /finalize` round trip (checks every chunk, the size "
+               "and libmagic, hands the file off; per upload, one after the other once all "
+               "uploads are done). tus has no finalize step: the figure is how much longer the "
+               "last PATCH of an upload took than its bytes take at the average speed of the "
+               "upload's other PATCHes (tuspyserver "
+               "rewrites its .info JSON and calls its completion hook, a no-op here; @tus/server "
+               "writes its .json config entry and emits its finish event; neither checks, moves "
+               "or copies the file). Near zero or negative: nothing measurable happens at completion.\n")
+    out.append("Peak RSS: VmHWM of the server process plus its children (none for these three), "
+               "a fresh process per measurement, read right before it is stopped. CPU: user + "
+               "system seconds of the server tree / of the client (this script, same 2 cores) "
+               "over the upload.\n")
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="rounds of every measurement (default 3)")
+    p.add_argument("--size-mib", type=int, default=2048,
+                   help="size of the single upload; the 4 parallel ones are a quarter each "
+                        "(default 2048)")
+    p.add_argument("--chunk-mib", type=int, default=50, help="chunk / PATCH size (default 50)")
+    p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SERVERS))
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--scratch-parent", type=Path, default=None,
+                   help="where the data dirs go (default: the system temp dir)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not install the peers (they must be in benchmarks/.peers already)")
+    args = p.parse_args(argv)
+    if not 1 <= args.runs <= 20:
+        p.error("--runs must be between 1 and 20")
+    if not 4 * args.chunk_mib <= args.size_mib <= 8192:
+        p.error("--size-mib must be between 4 chunks and 8192")
+    if not 1 <= args.chunk_mib <= 95:
+        p.error("--chunk-mib must be between 1 and 95 (chunkd's largest chunk)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in [
+        os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else
+        sys.executable, os.path.relpath(Path(__file__).resolve(), REPO),
+        *(sys.argv[1:] if argv is None else argv)])
+    if not args.no_install:
+        ensure_peers()
+    scratch = Path(tempfile.mkdtemp(prefix="chunkd-peers-", dir=args.scratch_parent))
+    try:
+        facts = core.machine_facts(scratch)
+        try:
+            import uvloop
+            res = uvloop.run(amain(args, scratch))  # the same loop chunkd's client would use
+        except ImportError:
+            res = asyncio.run(amain(args, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    doc = {
+        "command": command, "machine": facts, "runs": args.runs, "versions": peer_versions(),
+        "size_bytes": args.size_mib * MiB, "chunk_bytes": args.chunk_mib * MiB,
+        "results": {k: {"unit": res.units[k], "median": res.median(k), "runs": v}
+                    for k, v in res.rows.items()},
+    }
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+    print(report(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The one-command benchmark (what ``make bench`` runs): core.py + peers.py -> docs/.
+
+    .venv/bin/python benchmarks/run.py            # full: ~15 min on 2 cores; writes
+                                                  #   docs/BENCHMARKS.md and docs/benchmarks.png
+    .venv/bin/python benchmarks/run.py --quick    # smoke test: small sizes, 1 run; writes to
+                                                  #   benchmarks/.peers/quick/ unless --out-dir
+
+On first use it installs its peers (tuspyserver + uvicorn + FastAPI + matplotlib in
+benchmarks/.peers/py, @tus/server + @tus/file-store in benchmarks/.peers/node); later runs reuse
+them. Nothing is added to chunkd's own environment. Needs python3, node/npm and the package
+registries; the two measurement scripts run one after the other (never in parallel), each in
+its own process, with the interpreter this script runs with (the project's venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STEP_TIMEOUT = 3 * 3600  #: seconds, each of core.py and peers.py
+
+try:
+    import chunkd  # noqa: F401
+except ImportError:  # started with another python: use the project's venv if there is one
+    venv_python = REPO / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.executable) != venv_python:
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
+    raise SystemExit("run this with the project's venv: .venv/bin/python benchmarks/run.py "
+                     "(make setup creates it)")
+
+sys.path.insert(0, str(HERE))
+import core  # noqa: E402
+import peers  # noqa: E402
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def step(name: str, cmd: list[str]) -> None:
+    say(f"== {name}: {' '.join(shlex.quote(c) for c in cmd)}")
+    t0 = time.monotonic()
+    # stderr (progress) goes straight through; stdout (the step's own report) is not needed.
+    proc = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          timeout=STEP_TIMEOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
+    say(f"== {name} done in {time.monotonic() - t0:.0f} s")
+
+
+def headline(pdoc: dict, cdoc: dict) -> list[str]:
+    """One table with the figures that matter, and whether chunkd beats each peer by 1.5x."""
+    r = pdoc["results"]
+    med = lambda k: r[k]["median"] if k in r else float("nan")  # noqa: E731
+    size = pdoc["size_bytes"]
+    raw = med("raw:write")
+    out = ["## Summary\n"]
+    out.append(f"Medians of {pdoc['runs']} runs. Throughput in MB/s (10^6 bytes/s), "
+               f"{core.human(pdoc['chunk_bytes'])} chunks over loopback, same disk for all; "
+               f"raw write ({core.human(size)}, plain Python, no sync, same rounds) "
+               f"{raw:.0f} MB/s.\n")
+    out.append(f"| server | 1 x {core.human(size)} MB/s | chunkd off ÷ this | chunkd on ÷ this | "
+               f"4 x {core.human(size // 4)} parallel MB/s | chunkd off ÷ this | chunkd on ÷ this | "
+               "chunk p50 / p95 (1 x) | finalize* (1 x) | peak RSS (1 x / 4 x) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, label in peers.SERVERS.items():
+        a, b = f"1x:{kind}", f"4x:{kind}"
+        if f"{a}:mbps" not in r:
+            continue
+        ra, rb = med(f"{a}:mbps"), med(f"{b}:mbps")
+        out.append(
+            f"| {label} | {ra:.0f} | {med('1x:chunkd-off:mbps') / ra:.2f} x | "
+            f"{med('1x:chunkd-on:mbps') / ra:.2f} x | {rb:.0f} | "
+            f"{med('4x:chunkd-off:mbps') / rb:.2f} x | {med('4x:chunkd-on:mbps') / rb:.2f} x | "
+            f"{med(a + ':p50'):.0f} / {med(a + ':p95'):.0f} ms | {med(a + ':finalize'):.1f} ms | "
+            f"{med(a + ':hwm'):.0f} / {med(b + ':hwm'):.0f} MiB |")
+    for kind in ("chunkd-off", "chunkd-on"):
+        k = f"1x-p4:{kind}:mbps"
+        if k in r:
+            out.append(f"| {peers.SERVERS[kind]}, 4 chunks in flight | {med(k):.0f} | | | | | | "
+                       f"{med(f'1x-p4:{kind}:p50'):.0f} / {med(f'1x-p4:{kind}:p95'):.0f} ms | "
+                       f"{med(f'1x-p4:{kind}:finalize'):.1f} ms | "
+                       f"{med(f'1x-p4:{kind}:hwm'):.0f} MiB |")
+    out.append("")
+    out.append("chunkd ÷ raw write (same rounds): " + ", ".join(
+        f"{peers.SERVERS[kind]} {sc}: {med(f'{sc}:{kind}:mbps') / raw:.2f} x"
+        for kind in ("chunkd-off", "chunkd-on") for sc in ("1x", "4x", "1x-p4")
+        if f"{sc}:{kind}:mbps" in r) + ".\n")
+    verdict = []
+    for kind in peers.PEER_KINDS:
+        for sc in ("1x", "4x"):
+            if f"{sc}:{kind}:mbps" not in r:
+                continue
+            ratio = med(f"{sc}:chunkd-off:mbps") / med(f"{sc}:{kind}:mbps")
+            verdict.append(f"{peers.SERVERS[kind]} {sc}: {ratio:.2f} x "
+                           f"({'≥' if ratio >= 1.5 else '<'} 1.5)")
+    out.append("chunkd --durable off (no fsync, like both peers) ÷ peer: " + "; ".join(verdict)
+               + ".\n")
+    return out
+
+
+def write_markdown(path: Path, pdoc: dict, cdoc: dict, command: str, png: str | None) -> None:
+    facts = cdoc.get("machine") or pdoc["machine"]
+    out = ["# chunkd benchmarks\n"]
+    out.append(f"Produced by `{command}` (`make bench` runs it without flags), {time.strftime('%Y-%m-%d %H:%M %Z')}. "
+               "Scripts: `benchmarks/run.py` runs `benchmarks/core.py` (raw disk vs chunkd, "
+               "finalize, memory) and then `benchmarks/peers.py` (chunkd vs tuspyserver and "
+               "@tus/server), one after the other on an otherwise idle machine; the peers are "
+               "installed in `benchmarks/.peers/`, never into chunkd's environment. Client and "
+               "servers share the machine's cores, over 127.0.0.1.\n")
+    out.append("| machine | |")
+    out.append("|---|---|")
+    for k, v in facts.items():
+        out.append(f"| {k} | {v} |")
+    out.append("")
+    if png:
+        out.append(f"![throughput and chunk latency]({png})\n")
+    out.extend(headline(pdoc, cdoc))
+    out.append(peers.report(pdoc).replace("## chunkd vs tus servers", "## chunkd vs tus servers "
+                                          "(details)", 1))
+    res = core.Results(rows={k: v["runs"] for k, v in cdoc["results"].items()},
+                       units={k: v["unit"] for k, v in cdoc["results"].items()})
+    out.append(core.report(res, cdoc["machine"], cdoc["command"], cdoc["size_bytes"],
+                           cdoc["runs"]).replace("## chunkd core benchmark",
+                                                 "## chunkd vs the raw disk (core.py)", 1))
+    path.write_text("\n".join(out).rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 run: a smoke test")
+    p.add_argument("--runs", type=int, default=None, help="rounds (default 3; 1 with --quick)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where BENCHMARKS.md and benchmarks.png go (default docs/, or "
+                        "benchmarks/.peers/quick/ with --quick)")
+    p.add_argument("--no-install", action="store_true", help="do not install the peers")
+    args = p.parse_args(argv)
+    runs = args.runs or (1 if args.quick else 3)
+    out_dir = args.out_dir or (peers.PEERS / "quick" if args.quick else REPO / "docs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in [
+        os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else
+        sys.executable, os.path.relpath(HERE / "run.py", REPO),
+        *(sys.argv[1:] if argv is None else argv)])
+
+    if not args.no_install:
+        peers.ensure_peers()
+    with tempfile.TemporaryDirectory(prefix="chunkd-bench-run-") as tmp:
+        core_json, peers_json = Path(tmp) / "core.json", Path(tmp) / "peers.json"
+        core_cmd = [sys.executable, str(HERE / "core.py"), "--runs", str(runs),
+                    "--json", str(core_json)]
+        peers_cmd = [sys.executable, str(HERE / "peers.py"), "--runs", str(runs), "--no-install",
+                     "--json", str(peers_json)]
+        if args.quick:
+            core_cmd += ["--size-gib", "0.25", "--finalize-mib", "100", "--rss-chunk-mib", "8"]
+            peers_cmd += ["--size-mib", "256"]
+        step("core.py", core_cmd)
+        step("peers.py", peers_cmd)
+        cdoc, pdoc = json.loads(core_json.read_text()), json.loads(peers_json.read_text())
+        # the raw numbers of the last run, beside the peers (not committed)
+        (peers.PEERS / "last-run.json").write_text(json.dumps(
+            {"command": command, "core": cdoc, "peers": pdoc}, indent=1))
+        png = out_dir / "benchmarks.png"
+        try:
+            subprocess.run([str(peers.PY_BIN), str(HERE / "plot.py"), str(peers_json), str(png)],
+                           check=True, timeout=300)
+            png_ref: str | None = png.name
+        except (OSError, subprocess.SubprocessError) as exc:
+            say(f"chart not drawn: {exc}")
+            png_ref = None
+        md = out_dir / "BENCHMARKS.md"
+        write_markdown(md, pdoc, cdoc, command, png_ref)
+    say(f"wrote {md}" + (f" and {png}" if png_ref else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
