@@ -581,38 +581,34 @@ class FileSystemStore:
 
     async def stuck_finalizing(self) -> list[str]:
         """Sessions whose finalize claim is stale with no outcome: its process died mid-way."""
-        def run() -> list[str]:
-            out = []
-            for entry in os.scandir(self.sessions_dir):
-                if not is_session_id(entry.name):
-                    continue
-                with contextlib.suppress(ValueError, KeyError, OSError):
-                    claim = self._read_claim(entry.name)
-                    d = Path(entry.path)
-                    if (claim is not None and claim.kind == "finalize" and self.stale(claim)
-                            and not (d / "task.json").exists()
-                            and not (d / "failed.json").exists()):
-                        out.append(entry.name)
-            return out
+        def stuck(sid: str) -> bool:
+            claim = self._read_claim(sid)
+            d = self._dir(sid)
+            return (claim is not None and claim.kind == "finalize" and self.stale(claim)
+                    and not (d / "task.json").exists() and not (d / "failed.json").exists())
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self._sessions_where, stuck)
 
     async def open_tasks(self) -> list[str]:
         """Sessions whose task has not reached a final stage (for resuming after a restart)."""
-        def run() -> list[str]:
-            out = []
-            for entry in os.scandir(self.sessions_dir):
-                if not is_session_id(entry.name):
-                    continue
-                try:
-                    task = read_json(Path(entry.path) / "task.json")
-                except ValueError:  # unreadable: reported by requests on it, skipped here
-                    continue
-                if task is not None and task.get("stage") not in ("complete", "failed"):
-                    out.append(entry.name)
-            return out
+        def unfinished(sid: str) -> bool:
+            task = read_json(self._dir(sid) / "task.json")
+            return task is not None and task.get("stage") not in ("complete", "failed")
 
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self._sessions_where, unfinished)
+
+    def _sessions_where(self, test: Any) -> list[str]:
+        """Ids of the sessions passing ``test``; one unreadable session is skipped, not fatal."""
+        out = []
+        for entry in os.scandir(self.sessions_dir):
+            if not is_session_id(entry.name):
+                continue
+            try:
+                if test(entry.name):
+                    out.append(entry.name)
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("skipping session %s: %r", entry.name, exc)
+        return out
 
     # -- removal ---------------------------------------------------------------------------
 
