@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
@@ -36,7 +37,10 @@ async def _close_sockets(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     """Build the app for ``config``; creates the data folder's layout if it is not there."""
     drain = Drain()
-    app = web.Application(middlewares=[errors_middleware, drain.middleware])
+    middlewares = [errors_middleware, drain.middleware]
+    if config.cors_origins:
+        middlewares.insert(0, cors_middleware(config.cors_origins))
+    app = web.Application(middlewares=middlewares)
     store = FileSystemStore(config.data_dir, durable=config.durable)
     hub = ProgressHub(store)
     app[CONFIG] = config

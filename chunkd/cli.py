@@ -37,6 +37,7 @@ _HELP = {
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",
+    "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
     "whisperx_url": "WhisperX FastAPI base URL, e.g. http://127.0.0.1:8000",
     "whisperx_token": "bearer token for the WhisperX service",

@@ -74,6 +74,8 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     #: A chunk body that sends nothing for this long is cut off with 408 (slow-loris guard).
     body_timeout: float = 60.0
+    #: Browser origins allowed to call chunkd (CORS), e.g. ``http://localhost:5173``; ``*`` any.
+    cors_origins: frozenset[str] = frozenset()
     #: Seconds between WebSocket heartbeats (well inside Cloudflare's 100 s idle cut-off).
     heartbeat_interval: float = 30.0
     #: Where finished files go: ``folder`` (completed/<task_id>/), ``whisperx`` or ``command``.
@@ -208,6 +210,7 @@ PARSERS: dict[str, Any] = {
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
     "body_timeout": parse_duration,
+    "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,
     "whisperx_url": str,
     "whisperx_token": str,

@@ -194,3 +194,30 @@ async def test_finalized_session_refuses_chunks_and_abort(client):
     status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
     assert status["status"] == "completed"
     assert status["task_id"] == task_id
+
+
+async def test_healthz(client):
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "ok"
+
+
+async def test_cors_for_configured_origins(aiohttp_client, tmp_path):
+    from chunkd.app import make_app
+    from chunkd.config import Config
+
+    config = Config(data_dir=tmp_path / "d", cors_origins=frozenset({"http://localhost:5173"}))
+    client = await aiohttp_client(make_app(config))
+    pre = await client.options("/upload/chunked/session", headers={
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    assert "X-Chunk-Checksum" in pre.headers["Access-Control-Allow-Headers"]
+    resp = await client.get("/healthz", headers={"Origin": "http://localhost:5173"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    other = await client.get("/healthz", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    denied = await client.options("/upload/chunked/session", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert denied.status == 403

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from chunkd import __version__
 from chunkd.errors import BadRequest, Conflict, Gone, InvalidField, TooLarge, UnsupportedMediaType
 from chunkd.finalize import finalize
 from chunkd.keys import CONFIG, HUB, RUNNER, STORE
@@ -26,6 +29,15 @@ def iso(ts: float) -> str:
 
 def json_response(doc: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """For load balancers and Cloudflare health checks: the data folder is there and writable."""
+    store = request.app[STORE]
+    ok = await asyncio.to_thread(os.access, store.sessions_dir, os.W_OK)
+    return json_response({"status": "ok" if ok else "data_dir_not_writable",
+                          "version": __version__}, status=200 if ok else 503)
 
 
 @routes.post("/upload/chunked/session")

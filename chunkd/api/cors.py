@@ -1,0 +1,38 @@
+"""CORS for browsers on another origin (local development, or a frontend on its own domain).
+
+Off unless ``--cors-origins`` names the allowed origins (``*`` for any). Preflight ``OPTIONS``
+requests are answered here; other answers get the ``Access-Control-*`` headers they need.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization"
+ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+
+
+def cors_middleware(origins: frozenset[str]) -> web.Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and ("*" in origins or origin in origins)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            resp: web.StreamResponse = web.Response(status=204 if allowed else 403)
+            if allowed:
+                resp.headers.update({
+                    "Access-Control-Allow-Origin": origin or "",
+                    "Access-Control-Allow-Methods": ALLOW_METHODS,
+                    "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                    "Access-Control-Max-Age": "86400",
+                    "Vary": "Origin",
+                })
+            return resp
+        resp = await handler(request)
+        if allowed and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = origin or ""
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    return middleware
