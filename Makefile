@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test setup libmagic bench clean
+.PHONY: run test setup libmagic browser bench clean
 
 run: setup
 	$(BIN)/chunkd serve
 
-test: setup
+test: setup browser
 	$(BIN)/pytest
 
 setup: $(VENV)/.installed libmagic
@@ -30,6 +30,10 @@ libmagic:
 # Installs the peers (tuspyserver, @tus/server) under benchmarks/.peers/ on first use.
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# The browser test needs Debian's chromium (installed when run as root).
+browser:
+	@./scripts/install-chromium.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
