@@ -156,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         import uvloop
 
-        with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(serve(config))
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                uvloop.run(serve(config))
+        except OSError as exc:  # e.g. the port is taken
+            print(f"chunkd: error: cannot listen on {config.host}:{config.port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "retry":
         return _retry(args)

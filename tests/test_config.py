@@ -80,3 +80,14 @@ def test_serve_prints_where_and_limits(server_factory, tmp_path):
     assert "8 MiB offered, 95 MiB max" in text
     assert "3 GiB max" in text
     assert "fdatasync every chunk" in text
+
+
+def test_port_in_use_is_one_line(server_factory, tmp_path):
+    srv = server_factory()
+    port = srv.url.rsplit(":", 1)[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "chunkd", "serve", "--port", port, "--data-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
