@@ -3,23 +3,29 @@
 
 Run from the repository root with the project's venv:
 
-    .venv/bin/python benchmarks/core.py [--runs 3] [--size-gib 1] [--json out.json]
+    .venv/bin/python benchmarks/core.py [--runs 3] [--size-gib 2] [--json out.json]
 
 What it measures, every measurement repeated ``--runs`` times (interleaved, one full round per
-run) and reported as the median:
+run) and reported as the median. All bytes are the same everywhere: chunkd's ``GeneratedSource``
+(a real WAV header, then one random 1 MiB block repeated), materialized once for the raw writes.
 
 1. Raw write baseline: the same bytes written with plain Python to a file on the same disk as
    chunkd's data dirs, in 50 MiB writes: no sync / one fsync at the end / fdatasync after every
    50 MiB. Two extra rows replay chunkd's own syscall pattern in one thread (posix_fallocate,
    then 512 KiB pwrites, with and without an fdatasync per 50 MiB) to separate "Python + disk"
    from "HTTP + event loop + threads".
-2. chunkd: one upload of the same bytes over loopback in 50 MiB chunks, 1 and 4 chunks in
-   flight, --durable on and off. Timed from the session POST to the last chunk's 200.
-   Each configuration gets its own server process and its own fresh data dir.
-3. Finalize latency (the POST .../finalize round trip) for a 100 MiB and a 2 GiB session
-   (uploaded with --durable off, 4 in flight).
-4. Server memory: VmHWM (peak RSS) after 8 parallel 95 MiB chunks, plus VmRSS sampled every
-   50 ms while they stream; the same with 8 parallel 8 MiB chunks; and the idle RSS.
+2. chunkd: one 2 GiB upload over loopback in 50 MiB chunks, 1 and 4 chunks in flight, --durable
+   on and off, sent the way a real client sends it: ``chunkd.client.ChunkdClient`` streaming the
+   ``GeneratedSource`` in 1 MiB pieces, no checksums (as peers.py does). Timed from the session
+   POST to the last chunk's 200. Each configuration gets its own server process and data dir.
+   The same client against a bare aiohttp handler that drops the bytes gives HTTP's ceiling here.
+3. Finalize latency (the POST .../finalize round trip) for 100 MiB, 1 GiB and 4 GiB sessions
+   (uploaded with --durable on, the default, 4 in flight), next to the seed's design on the same
+   bytes: the session's 50 MiB chunk files are written (untimed, no fsync, like its save_chunk),
+   ``sync`` settles them, then its ``assemble_chunks`` is timed: ``shutil.copyfileobj`` of every
+   chunk file into one file, fsync of that file, removal of the chunk folder.
+4. Server memory: VmHWM (peak RSS) after 16 parallel chunks of 95 MiB, plus VmRSS sampled every
+   50 ms while they stream; the same with 16 parallel chunks of 8 MiB; and the idle RSS.
 
 Everything is bounded: fixed counts, a timeout on every request, servers stopped by PID
 (SIGTERM, then SIGKILL) in ``finally`` blocks, and every data dir removed after its
@@ -51,6 +57,8 @@ from typing import Any
 
 import aiohttp
 
+from chunkd.client import ChunkdClient, GeneratedSource
+
 REPO = Path(__file__).resolve().parent.parent
 AUDIO_HEAD = REPO / "tests" / "media" / "speech.wav"
 
@@ -64,7 +72,7 @@ REQUEST_TIMEOUT = 120.0          #: seconds, every HTTP request
 SERVER_START_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 15.0
 RSS_SAMPLE_INTERVAL = 0.05
-RSS_PARALLEL = 8
+RSS_PARALLEL = 16
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # aiohttp warns about sending large in-memory bodies; that is exactly what we mean to do.
@@ -159,27 +167,25 @@ def machine_facts(scratch: Path) -> dict[str, str]:
 # -- the test data ---------------------------------------------------------------------------------
 
 
-def make_data(nbytes: int) -> memoryview:
-    """``nbytes`` of incompressible bytes that libmagic takes for a WAV file (real WAV first)."""
-    head = AUDIO_HEAD.read_bytes()
+def source(size: int, seed: int = 0) -> GeneratedSource:
+    """The bytes every measurement sends or writes: a real WAV header (libmagic accepts it), then
+    one random 1 MiB block repeated; the same generator peers.py hands to every server."""
+    return GeneratedSource(size, name="bench.wav", header=AUDIO_HEAD.read_bytes(), seed=seed)
+
+
+async def source_bytes(src: GeneratedSource, offset: int, length: int) -> bytes:
+    return b"".join([p async for p in src.pieces(offset, length)])
+
+
+async def make_data(nbytes: int) -> memoryview:
+    """The first ``nbytes`` of :func:`source`, in memory, for the raw writes."""
+    src = source(nbytes)
     buf = bytearray(nbytes)
-    buf[: len(head)] = head
-    step = 64 * MiB
-    for off in range(len(head), nbytes, step):
-        n = min(step, nbytes - off)
-        buf[off : off + n] = os.urandom(n)
+    pos = 0
+    async for p in src.pieces(0, nbytes):
+        buf[pos : pos + len(p)] = p
+        pos += len(p)
     return memoryview(buf)
-
-
-def piece(data: memoryview, offset: int, length: int) -> memoryview:
-    """Bytes for ``[offset, offset+length)`` of a file; wraps around ``data`` when it is larger.
-
-    The first chunk always starts at 0 (the WAV header); later ones only need to be bytes.
-    """
-    if offset + length <= len(data):
-        return data[offset : offset + length]
-    start = offset % (len(data) - length + 1)
-    return data[start : start + length]
 
 
 # -- raw writes ------------------------------------------------------------------------------------
@@ -254,7 +260,8 @@ async def create(request):
     doc = orjson.loads(await request.read())
     sid = "00000000-0000-4000-8000-%012d" % len(sessions)
     sessions[sid] = {"chunks": 0, "bytes": 0, "pieces": 0}
-    return web.json_response({"session_id": sid}, status=201)
+    return web.json_response({"session_id": sid, "chunk_size": doc["chunk_size"],
+                              "total_chunks": doc["total_chunks"]}, status=201)
 async def chunk(request):
     s = sessions[request.match_info["sid"]]
     async for data in request.content.iter_any():
@@ -363,10 +370,10 @@ class Server:
 # -- the client ------------------------------------------------------------------------------------
 
 
-def client_session(parallel: int) -> aiohttp.ClientSession:
+def client_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max(parallel, 1) + 2),
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=30),
     )
 
 
@@ -379,6 +386,15 @@ async def expect(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
     return json.loads(body) if body else {}
 
 
+def client_for(http: aiohttp.ClientSession, server: Server, *, chunk_size: int, parallel: int
+               ) -> ChunkdClient:
+    """chunkd's own client, as a user runs it: 1 MiB pieces streamed per chunk, ``parallel``
+    chunks in flight; no checksums (GeneratedSource has none) and no retries (a retry would be
+    an error here, not something to time)."""
+    return ChunkdClient(server.url, parallel=parallel, chunk_size=chunk_size, retries=1,
+                        checksum=False, timeout=REQUEST_TIMEOUT, session=http)
+
+
 @dataclass
 class Upload:
     session_id: str
@@ -389,49 +405,33 @@ class Upload:
     client_cpu: float       # this process's CPU seconds over the same span
     server_sys: float       # the system (kernel) part of server_cpu
     server_minflt: int      # server minor page faults over the same span
+    latencies: list[float] = field(default_factory=list)  # seconds per chunk request
 
 
 async def upload(
-    http: aiohttp.ClientSession, server: Server, data: memoryview, *,
-    total_size: int, chunk_size: int, parallel: int,
+    http: aiohttp.ClientSession, server: Server, *,
+    total_size: int, chunk_size: int, parallel: int, seed: int = 0,
 ) -> Upload:
-    """Create a session and send every chunk, ``parallel`` at a time; verify it is complete."""
-    total_chunks = math.ceil(total_size / chunk_size)
+    """Create a session and send every chunk through ChunkdClient, ``parallel`` at a time;
+    verify it is complete. Not finalized."""
+    client = client_for(http, server, chunk_size=chunk_size, parallel=parallel)
+    src = source(total_size, seed)
     u0, s0, f0 = read_proc_stat(server.pid)
     ccpu0 = time.process_time()
     t0 = time.perf_counter()
-    async with http.post(
-        f"{server.url}/upload/chunked/session",
-        json={"filename": "bench.wav", "total_size": total_size,
-              "total_chunks": total_chunks, "chunk_size": chunk_size},
-    ) as resp:
-        sid = (await expect(resp, 201))["session_id"]
-
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < total_chunks:
-            i = next_index
-            next_index += 1
-            offset = i * chunk_size
-            body = piece(data, offset, min(chunk_size, total_size - offset))
-            async with http.post(
-                f"{server.url}/upload/chunked/{sid}/chunk", params={"index": str(i)},
-                data=body, headers={"Content-Type": "application/octet-stream"},
-            ) as resp:
-                await expect(resp, 200)
-
-    await asyncio.gather(*(worker() for _ in range(min(parallel, total_chunks))))
+    res = await client.upload(src, finalize=False)
     elapsed = time.perf_counter() - t0
     u1, s1, f1 = read_proc_stat(server.pid)
     cpu = (u1 + s1) - (u0 + s0)
     ccpu = time.process_time() - ccpu0
-    async with http.get(f"{server.url}/upload/chunked/{sid}/status") as resp:
-        doc = await expect(resp, 200)
+    if res.retries:
+        raise RuntimeError(f"upload needed {res.retries} retries")
+    doc = await client.status(res.session_id)
+    total_chunks = math.ceil(total_size / chunk_size)
     if doc["received_chunks"] != total_chunks or doc["received_bytes"] != total_size:
         raise RuntimeError(f"upload incomplete after all chunks were acknowledged: {doc}")
-    return Upload(sid, elapsed, cpu, total_size, doc, ccpu, s1 - s0, f1 - f0)
+    return Upload(res.session_id, elapsed, cpu, total_size, doc, ccpu, s1 - s0, f1 - f0,
+                  res.chunk_latencies)
 
 
 async def abort(http: aiohttp.ClientSession, server: Server, sid: str) -> None:
@@ -502,8 +502,8 @@ async def measure_sink(res: Results, scratch: Path, data: memoryview, size: int)
         key = f"sink:parallel={parallel}"
         prime(scratch, data, size)
         with Server(scratch, durable=False, sink=True) as server:
-            async with client_session(parallel) as http:
-                up = await upload(http, server, data, total_size=size, chunk_size=CHUNK,
+            async with client_session() as http:
+                up = await upload(http, server, total_size=size, chunk_size=CHUNK,
                                   parallel=parallel)
         res.add(key, mb_per_s(size, up.seconds), "MB/s")
         res.add(key + ":server_cpu", up.server_cpu, "CPU s")
@@ -523,8 +523,8 @@ async def measure_chunkd(res: Results, scratch: Path, data: memoryview, size: in
             key = f"chunkd:durable={'on' if durable else 'off'}:parallel={parallel}"
             prime(scratch, data, size)
             with Server(scratch, durable=durable) as server:
-                async with client_session(parallel) as http:
-                    up = await upload(http, server, data, total_size=size, chunk_size=CHUNK,
+                async with client_session() as http:
+                    up = await upload(http, server, total_size=size, chunk_size=CHUNK,
                                       parallel=parallel)
                     await abort(http, server, up.session_id)
             res.add(key, mb_per_s(size, up.seconds), "MB/s")
@@ -532,19 +532,58 @@ async def measure_chunkd(res: Results, scratch: Path, data: memoryview, size: in
             res.add(key + ":client_cpu", up.client_cpu, "CPU s")
             res.add(key + ":server_sys", up.server_sys, "CPU s")
             res.add(key + ":server_minflt", up.server_minflt, "faults")
+            res.add(key + ":p50", statistics.median(up.latencies) * 1000, "ms")
             say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(size, up.seconds):.0f} MB/s, "
                 f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}), "
                 f"{up.server_minflt} minor faults, client CPU {up.client_cpu:.2f} s")
 
 
-async def measure_finalize(
-    res: Results, scratch: Path, data: memoryview, sizes: list[int]
-) -> None:
+def seed_assemble(session_dir: Path, total_chunks: int, output_path: Path) -> None:
+    """The seed's ``FileService.assemble_chunks`` (see the issue's research notes), then the
+    fsync that makes its result durable: what its finalize did before handing the file on."""
+    with open(output_path, "wb") as output:
+        for i in range(total_chunks):
+            chunk_path = session_dir / f"chunk_{i:04d}"
+            with open(chunk_path, "rb") as chunk:
+                shutil.copyfileobj(chunk, output)
+        output.flush()
+        os.fsync(output.fileno())
+    shutil.rmtree(session_dir)
+
+
+async def measure_seed(res: Results, scratch: Path, total: int) -> None:
+    """The seed's design on the same bytes: chunk files written (untimed, like its save_chunk:
+    open, write, close, no fsync; ``sync`` then settles them, as a real upload would have had
+    time to), then concatenation + fsync + removal of the chunk files, timed."""
+    work = Path(tempfile.mkdtemp(prefix="seed-", dir=scratch))
+    try:
+        session_dir = work / "chunked" / "session"
+        session_dir.mkdir(parents=True)
+        src = source(total)
+        total_chunks = math.ceil(total / CHUNK)
+        for i in range(total_chunks):
+            body = await source_bytes(src, i * CHUNK, min(CHUNK, total - i * CHUNK))
+            with open(session_dir / f"chunk_{i:04d}", "wb") as f:
+                f.write(body)
+            del body
+        os.sync()
+        t0 = time.perf_counter()
+        await asyncio.to_thread(seed_assemble, session_dir, total_chunks, work / "upload.wav")
+        seconds = time.perf_counter() - t0
+        if (work / "upload.wav").stat().st_size != total:
+            raise RuntimeError("seed assembly produced the wrong size")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res.add(f"seed-finalize:{human(total)}", seconds * 1000, "ms")
+    say(f"  seed design (concatenate {total_chunks} chunk files + fsync) {human(total)}: "
+        f"{seconds * 1000:.1f} ms")
+
+
+async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> None:
     for total in sizes:
-        with Server(scratch, durable=False) as server:
-            async with client_session(4) as http:
-                up = await upload(http, server, data, total_size=total, chunk_size=CHUNK,
-                                  parallel=4)
+        with Server(scratch, durable=True) as server:
+            async with client_session() as http:
+                up = await upload(http, server, total_size=total, chunk_size=CHUNK, parallel=4)
                 t0 = time.perf_counter()
                 async with http.post(
                     f"{server.url}/upload/chunked/{up.session_id}/finalize"
@@ -558,17 +597,18 @@ async def measure_finalize(
         res.add(f"upload-before-finalize:{human(total)}", mb_per_s(total, up.seconds), "MB/s")
         say(f"  finalize {human(total)}: {seconds * 1000:.1f} ms "
             f"(upload {mb_per_s(total, up.seconds):.0f} MB/s)")
+        await measure_seed(res, scratch, total)
 
 
-async def measure_rss(res: Results, scratch: Path, data: memoryview, chunk_sizes: list[int]) -> None:
+async def measure_rss(res: Results, scratch: Path, chunk_sizes: list[int]) -> None:
     for chunk_size in chunk_sizes:
         tag = human(chunk_size)
         with Server(scratch, durable=True) as server:
             await asyncio.sleep(0.5)  # let start-up settle before the idle reading
             idle = read_proc_status(server.pid)
-            async with client_session(RSS_PARALLEL) as http:
+            async with client_session() as http:
                 with RssSampler(server.pid) as sampler:
-                    up = await upload(http, server, data, total_size=RSS_PARALLEL * chunk_size,
+                    up = await upload(http, server, total_size=RSS_PARALLEL * chunk_size,
                                       chunk_size=chunk_size, parallel=RSS_PARALLEL)
                 after = read_proc_status(server.pid)
                 await abort(http, server, up.session_id)
@@ -622,21 +662,24 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
     out.append("")
 
     out.append(f"### 2. chunkd: one {human(size)} upload over loopback, {human(CHUNK)} chunks\n")
+    out.append("Sent by `chunkd.client.ChunkdClient` (1 MiB pieces streamed per chunk, no "
+               "checksums) from this script, on the same cores as the server.\n")
     out.append("| durable | in flight | median | runs | vs raw baseline "
-               "| server CPU s (of it kernel) / client CPU s | server minor faults |")
-    out.append("|---|---|---|---|---|---|---|")
+               "| chunk p50 | server CPU s (of it kernel) / client CPU s | server minor faults |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for durable in ("on", "off"):
-        base_key = "raw:fdatasync_each" if durable == "on" else "raw:write"
-        base_label = "write+fdatasync/50MiB" if durable == "on" else "plain write"
+        bases = ([("raw:fsync_end", "write+fsync"), ("raw:fdatasync_each", "write+fdatasync/50MiB")]
+                 if durable == "on" else [("raw:write", "plain write")])
         for parallel in (1, 4):
             key = f"chunkd:durable={durable}:parallel={parallel}"
-            ratio = res.median(key) / res.median(base_key)
+            vs = "; ".join(f"{res.median(key) / res.median(b):.2f} x {label} "
+                           f"({res.median(b):.0f} MB/s)" for b, label in bases)
             runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[key])
             cpu = res.median(key + ":server_cpu")
+            p50 = f"{res.median(key + ':p50'):.0f} ms" if key + ":p50" in res.rows else ""
             out.append(
-                f"| {durable} | {parallel} | {res.median(key):.0f} MB/s | [{runs_text}] | "
-                f"{ratio:.2f} x {base_label} ({res.median(base_key):.0f} MB/s) | "
-                f"{cpu:.2f} ({res.median(key + ':server_sys'):.2f}) / "
+                f"| {durable} | {parallel} | {res.median(key):.0f} MB/s | [{runs_text}] | {vs} | "
+                f"{p50} | {cpu:.2f} ({res.median(key + ':server_sys'):.2f}) / "
                 f"{res.median(key + ':client_cpu'):.2f} | {res.median(key + ':server_minflt'):.0f} |"
             )
     for parallel in (1, 4):
@@ -645,19 +688,40 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
         out.append(
             f"| (bare aiohttp sink, no disk) | {parallel} | {res.median(key):.0f} MB/s | "
             f"[{runs_text}] | {res.median(key) / res.median('raw:write'):.2f} x plain write; "
-            f"avg iter_any piece {res.median(key + ':read_size'):.0f} KiB | "
+            f"avg iter_any piece {res.median(key + ':read_size'):.0f} KiB | | "
             f"{res.median(key + ':server_cpu'):.2f} ({res.median(key + ':server_sys'):.2f}) / "
             f"{res.median(key + ':client_cpu'):.2f} | {res.median(key + ':server_minflt'):.0f} |"
         )
     out.append("")
 
-    out.append("### 3. Finalize (POST /finalize round trip; upload with --durable off, 4 in flight)\n")
-    out.append("| measurement | median | runs | |")
-    out.append("|---|---|---|---|")
-    for key in [k for k in res.rows if k.startswith("finalize:")]:
-        tag = key.split(":", 1)[1]
+    out.append("### 3. Finalize: chunkd vs the seed's design on the same bytes\n")
+    out.append("chunkd: the `POST /finalize` round trip after an upload with --durable on (its "
+               "default: the bytes are already on disk), 4 in flight. Seed: its "
+               "`assemble_chunks` (`shutil.copyfileobj` of every 50 MiB chunk file into one "
+               "file, then removing the chunk folder) plus an fsync of the result, timed on "
+               "chunk files written beforehand and settled with `sync`.\n")
+    out.append("| session | chunkd finalize | runs | seed: concatenate + fsync | runs | "
+               "seed ÷ chunkd | |")
+    out.append("|---|---|---|---|---|---|---|")
+    tags = [k.split(":", 1)[1] for k in res.rows if k.startswith("finalize:")]
+    for tag in tags:
+        key, seed = f"finalize:{tag}", f"seed-finalize:{tag}"
         up = res.median(f"upload-before-finalize:{tag}")
-        out.append(row(f"finalize, {tag} session", key, f"upload was {up:.0f} MB/s"))
+        runs_c = ", ".join(fmt(v, "ms") for v in res.rows[key])
+        if seed in res.rows:
+            runs_s = ", ".join(fmt(v, "ms") for v in res.rows[seed])
+            seed_text = (f"{fmt(res.median(seed), 'ms')} ms | [{runs_s}] | "
+                         f"{res.median(seed) / res.median(key):.0f} x")
+        else:
+            seed_text = " | | "
+        out.append(f"| {tag} | {fmt(res.median(key), 'ms')} ms | [{runs_c}] | {seed_text} | "
+                   f"upload was {up:.0f} MB/s |")
+    if len(tags) > 1:
+        lo, hi = tags[0], tags[-1]
+        seed_ratio = (f"; seed {res.median(f'seed-finalize:{hi}') / res.median(f'seed-finalize:{lo}'):.1f} x"
+                      if f"seed-finalize:{hi}" in res.rows else "")
+        out.append(f"\nRatio {hi} / {lo}: chunkd "
+                   f"{res.median(f'finalize:{hi}') / res.median(f'finalize:{lo}'):.2f} x{seed_ratio}.")
     out.append("")
 
     out.append(f"### 4. Server memory, {RSS_PARALLEL} chunks in parallel (--durable on)\n")
@@ -682,11 +746,11 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="rounds of every measurement (default 3)")
-    p.add_argument("--size-gib", type=float, default=1.0,
-                   help="size of the raw write and of the chunkd upload (default 1)")
-    p.add_argument("--finalize-mib", default="100,2048",
+    p.add_argument("--size-gib", type=float, default=2.0,
+                   help="size of the raw write and of the chunkd upload (default 2)")
+    p.add_argument("--finalize-mib", default="100,1024,4096",
                    help="session sizes for the finalize test, MiB, comma-separated")
-    p.add_argument("--rss-chunk-mib", default="95,8",
+    p.add_argument("--rss-chunk-mib", default="8,95",
                    help="chunk sizes for the memory test, MiB, comma-separated")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--scratch-parent", type=Path, default=None,
@@ -708,14 +772,16 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
     rss_chunks = [int(x) * MiB for x in args.rss_chunk_mib.split(",") if x.strip()]
     only = set(args.only.split(","))
 
-    need = max([size, *finalize_sizes, *(RSS_PARALLEL * c for c in rss_chunks)])
+    # the largest finalize: chunkd's session, then the seed's chunk files + its assembled copy
+    need = max([2 * size, *(2 * f for f in finalize_sizes),
+                *(RSS_PARALLEL * c for c in rss_chunks)])
     free = shutil.disk_usage(scratch).free
     if free < need + 2 * GiB:
         raise SystemExit(f"not enough free disk in {scratch}: {free / GiB:.1f} GiB free, "
                          f"need {(need + 2 * GiB) / GiB:.1f} GiB")
 
     say(f"generating {human(size)} of test data ...")
-    data = make_data(max(size, *rss_chunks, CHUNK) + MiB)
+    data = await make_data(size)
     # Untimed warm-up: the first writes after start are slower (cold page cache / guest memory).
     say("warm-up (untimed) ...")
     warm = Path(tempfile.mkdtemp(prefix="warm-", dir=scratch))
@@ -733,9 +799,9 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
             await measure_chunkd(res, scratch, data, size)
             await measure_sink(res, scratch, data, size)
         if "finalize" in only:
-            await measure_finalize(res, scratch, data, finalize_sizes)
+            await measure_finalize(res, scratch, finalize_sizes)
         if "rss" in only:
-            await measure_rss(res, scratch, data, rss_chunks)
+            await measure_rss(res, scratch, rss_chunks)
     return res
 
 

@@ -441,7 +441,7 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
     if free < size + 2 * GiB:
         raise SystemExit(f"not enough free disk in {scratch}: {free / GiB:.1f} GiB free")
     say(f"generating {human(size)} of test data for the raw baseline and priming ...")
-    data = core.make_data(size + MiB)
+    data = await core.make_data(size)  # the same bytes the servers get
     res = Results()
     raw_dir = Path(tempfile.mkdtemp(prefix="raw-", dir=scratch))
     try:
