@@ -584,6 +584,10 @@ async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> Non
         with Server(scratch, durable=True) as server:
             async with client_session() as http:
                 up = await upload(http, server, total_size=total, chunk_size=CHUNK, parallel=4)
+                # Same footing as the seed's timing below: the disk has settled (no writeback
+                # of earlier measurements is still queued in front of finalize's few fsyncs).
+                await asyncio.to_thread(os.sync)
+                await asyncio.sleep(0.5)
                 t0 = time.perf_counter()
                 async with http.post(
                     f"{server.url}/upload/chunked/{up.session_id}/finalize"

@@ -102,20 +102,29 @@ def _holds(lease: Path) -> bool:
 
 
 def _pwrite_all(
-    fd: int, buf: bytes | bytearray, offset: int, hasher: Any, start_writeback: bool
+    fd: int, pieces: list[bytes], offset: int, hasher: Any, start_writeback: bool
 ) -> None:
-    """One thread hop per buffer: hash it (when asked), write it at ``offset``, and in durable
+    """One thread hop per batch: hash it (when asked), write it at ``offset`` with one
+    ``pwritev`` (the network's pieces go to the kernel as they are, never joined), and in durable
     mode start its writeback now, so the fdatasync at the chunk's end has little left to do."""
     if hasher is not None:
-        hasher.update(buf)
+        for piece in pieces:
+            hasher.update(piece)
     start = offset
-    view = memoryview(buf)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
+    views = [memoryview(p) for p in pieces]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
         offset += n
+        while views and n >= len(views[0]):  # drop what was written, keep the rest
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
     if start_writeback:
         _sync_file_range(fd, start, offset - start)
+
+
+_IOV_MAX = 1024
 
 
 def _load_sync_file_range() -> Any:
@@ -371,33 +380,32 @@ class FileSystemStore:
         hasher = hashlib.sha256() if sha256 is not None else None
         pending: asyncio.Future[None] | None = None
         try:
-            buf = bytearray()
+            batch: list[bytes] = []
+            batched = 0
             total = 0
             pos = offset
             async for data in body:
                 total += len(data)
                 if total > length:
                     raise _too_long(length)
-                if not buf and len(data) >= WRITE_BUFFER:
-                    piece: bytes | bytearray = data  # big enough already: no copy
-                else:
-                    buf += data
-                    if len(buf) < WRITE_BUFFER:
-                        continue
-                    piece, buf = buf, bytearray()
+                batch.append(data)  # pieces are kept as they came: no copy in Python
+                batched += len(data)
+                if batched < WRITE_BUFFER:
+                    continue
                 if pending is not None:
                     await pending
                 pending = asyncio.ensure_future(
-                    _pwrite_async(fd, piece, pos, hasher, self.durable)
+                    _pwrite_async(fd, batch, pos, hasher, self.durable)
                 )
-                pos += len(piece)
+                pos += batched
+                batch, batched = [], 0
             if total < length:
                 raise _too_short(total, length)
             if pending is not None:
                 await pending
                 pending = None
-            if buf:
-                await _pwrite_async(fd, buf, pos, hasher, False)
+            if batch:
+                await _pwrite_async(fd, batch, pos, hasher, False)
             if self.durable:
                 await _fdatasync_async(fd)
         except OSError as exc:
@@ -575,7 +583,7 @@ class FileSystemStore:
         def run() -> None:
             with contextlib.suppress(FileNotFoundError):
                 write_json_atomic(lease, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "released": True})
+                                          "released": True}, durable=False)  # losing it is harmless
 
         await asyncio.to_thread(run)
 
