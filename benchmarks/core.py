@@ -581,6 +581,11 @@ async def measure_seed(res: Results, scratch: Path, total: int) -> None:
 
 async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> None:
     for total in sizes:
+        # The data dir's file system is mounted with `discard`: deleting the previous
+        # measurement's gigabytes queues TRIMs that slow the next journal commits (every fsync)
+        # for a few seconds. Let that pass first, or finalize's fsyncs measure it instead.
+        await asyncio.to_thread(os.sync)
+        await asyncio.sleep(3)
         with Server(scratch, durable=True) as server:
             async with client_session() as http:
                 up = await upload(http, server, total_size=total, chunk_size=CHUNK, parallel=4)
@@ -594,6 +599,10 @@ async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> Non
                 ) as resp:
                     doc = await expect(resp, 200)
                 seconds = time.perf_counter() - t0
+                server_ms = [line for line in server.log.read_text(errors="replace").splitlines()
+                             if "finalize " in line and " in " in line]
+                if server_ms:
+                    say(f"    server side: {server_ms[-1].rsplit(' in ', 1)[1]}")
                 if doc.get("status") != "processing":
                     raise RuntimeError(f"unexpected finalize answer: {doc}")
         key = f"finalize:{human(total)}"
@@ -756,6 +765,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="session sizes for the finalize test, MiB, comma-separated")
     p.add_argument("--rss-chunk-mib", default="8,95",
                    help="chunk sizes for the memory test, MiB, comma-separated")
+    p.add_argument("--rss-parallel", type=int, default=RSS_PARALLEL,
+                   help=f"chunks in flight for the memory test (default {RSS_PARALLEL})")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--scratch-parent", type=Path, default=None,
                    help="where to create the scratch folder (default: the system temp dir); "
@@ -771,6 +782,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace, scratch: Path) -> Results:
+    global RSS_PARALLEL
+    RSS_PARALLEL = args.rss_parallel  # read by measure_rss and the report
     size = int(args.size_gib * GiB)
     finalize_sizes = [int(x) * MiB for x in args.finalize_mib.split(",") if x.strip()]
     rss_chunks = [int(x) * MiB for x in args.rss_chunk_mib.split(",") if x.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator
 
@@ -20,10 +21,12 @@ from chunkd.progress import ProgressHub
 from chunkd.store.filesystem import FileSystemStore
 from chunkd.sweeper import sweeper_ctx
 from chunkd.tasks import TaskRunner
+from chunkd.validate import warm_up
 
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     """Resume unfinished tasks at start; stop them on the way out (a restart resumes them)."""
+    await asyncio.to_thread(warm_up)  # libmagic's database, before any finalize needs it
     await app[RUNNER].open()
     yield
     await app[RUNNER].close()

@@ -93,13 +93,14 @@ class TaskRunner:
         existing = (await self.store.state(sid)).task
         if existing is not None:  # a finalize that took over a dead one's claim
             return existing
-        await self.store.record_task(sid, task)
-        self.hub.poke(sid)
+        if not self.handoff.inline:  # an inline hand-off records only its outcome: one fsync less
+            await self.store.record_task(sid, task)
+            self.hub.poke(sid)
         lease = await self.store.take_lease(sid)
         if lease is None:
             return task
         if self.handoff.inline:
-            return await self._drive(sid, lease)
+            return await self._drive(sid, lease, task)
         self._spawn(sid, lease)
         return task
 
@@ -137,9 +138,10 @@ class TaskRunner:
 
     # -- driving one task ------------------------------------------------------------------
 
-    async def _drive(self, sid: str, lease: Path) -> dict[str, Any]:
+    async def _drive(self, sid: str, lease: Path, first: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
         state = await self.store.state(sid)
-        task = dict(state.task or {})
+        task = dict(first if first is not None else state.task or {})
         upload = FinishedUpload(
             task_id=task["task_id"],
             path=self.store.data_path(sid),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import logging
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +23,7 @@ from chunkd.validate import check_new_session
 _CHECKSUM = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
 routes = web.RouteTableDef()
+log = logging.getLogger("chunkd.api")
 
 
 def iso(ts: float) -> str:
@@ -171,7 +174,10 @@ async def get_status(request: web.Request) -> web.Response:
 @routes.post("/upload/chunked/{session_id}/finalize")
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
+    started = time.perf_counter()
     task = await finalize(request.app[STORE], request.app[RUNNER], sid)
+    log.info("finalize %s: task %s, %s, in %.1f ms", sid, task["task_id"], task.get("stage"),
+             (time.perf_counter() - started) * 1000)
     request.app[HUB].poke(sid)
     if task.get("stage") == "finalizing":  # another request (or process) is still at it
         return json_response({
