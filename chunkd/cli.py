@@ -49,6 +49,13 @@ _HELP = {
 }
 
 
+#: aiohttp stops reading a request body above 2x this and resumes below it. Its default (64 KiB)
+#: pauses and resumes the socket thousands of times a second at ~1 GB/s. Measured with
+#: chunkd bench (1 GiB, 1 in flight, 5 runs): 256 KiB gave +16% (durable off) and +7% (on) with
+#: peak RSS for 16 parallel chunks at ~85 MiB; 512 KiB gave +37% / +25% but ~105 MiB.
+READ_BUFSIZE = 256 * 1024
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -122,7 +129,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = make_app(config)
-    runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
+                                read_bufsize=READ_BUFSIZE)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
