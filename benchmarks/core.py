@@ -310,7 +310,12 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self) -> Server:
+    #: What the first line of the server's output names, and where its endpoint is below that.
+    name = "chunkd"
+    url_suffix = ""
+
+    def command(self) -> tuple[list[str], Path]:
+        """The server's command line and working folder (peers.py overrides this)."""
         cmd = [sys.executable, "-c", SINK_SOURCE] if self.sink else [
             sys.executable, "-m", "chunkd", "serve",
             "--host", "127.0.0.1", "--port", "0",
@@ -318,23 +323,28 @@ class Server:
             "--durable", "on" if self.durable else "off",
             "--shutdown-timeout", "5s",
         ]
+        return cmd, REPO
+
+    def start(self) -> Server:
+        cmd, cwd = self.command()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C here reaches us, and we stop it by PID
             )
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
             first = self.log.read_text(errors="replace").split("\n", 1)
             if len(first) == 2 and " listening on " in first[0]:
-                self.url = first[0].rsplit(" ", 1)[1]
+                self.url = first[0].rsplit(" ", 1)[1] + self.url_suffix
                 if not self.url.startswith("http://127.0.0.1:"):
                     raise RuntimeError(f"server listens somewhere unexpected: {first[0]}")
                 return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)
-        raise RuntimeError(f"chunkd did not start:\n{self.log.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(f"{self.name} did not start:\n"
+                           f"{self.log.read_text(errors='replace')[-2000:]}")
 
     @property
     def pid(self) -> int:

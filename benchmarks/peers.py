@@ -171,11 +171,13 @@ def peer_versions() -> dict[str, str]:
 # -- peer server processes --------------------------------------------------------------------------
 
 
-class PeerServer:
+class PeerServer(core.Server):
     """A tus server subprocess on 127.0.0.1 and a free port, with its own fresh data dir."""
 
+    url_suffix = "/files/"
+
     def __init__(self, kind: str, scratch: Path) -> None:
-        self.kind = kind
+        self.kind = self.name = kind
         self.scratch = scratch
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch))
         self.log = scratch / f"{self.data_dir.name}.log"
@@ -188,54 +190,6 @@ class PeerServer:
         if self.kind == "tus-node":
             return ["node", str(NODE_DIR / "server.mjs"), str(self.data_dir)], NODE_DIR
         raise ValueError(self.kind)
-
-    def start(self) -> PeerServer:
-        cmd, cwd = self.command()
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while time.monotonic() < deadline:
-            first = self.log.read_text(errors="replace").split("\n", 1)
-            if len(first) == 2 and " listening on " in first[0]:
-                self.url = first[0].rsplit(" ", 1)[1] + "/files/"
-                if not self.url.startswith("http://127.0.0.1:"):
-                    raise RuntimeError(f"server listens somewhere unexpected: {first[0]}")
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.kind} did not start:\n"
-                           f"{self.log.read_text(errors='replace')[-2000:]}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(SERVER_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-        finally:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                self.log.unlink()
-
-    def __enter__(self) -> PeerServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def make_server(kind: str, scratch: Path) -> Any:

@@ -187,8 +187,10 @@ class SessionStore(Protocol):
         """Where the session's bytes are (until a hand-off moves them away)."""
         ...
 
-    async def record_task(self, session_id: str, task: dict[str, Any]) -> None:
-        """Store the hand-off's record of a finalized session (atomically replaced)."""
+    async def record_task(
+        self, session_id: str, task: dict[str, Any], *, lease: Path | None = None
+    ) -> None:
+        """Store the task's state (atomically replaced); with ``lease``, only while it holds."""
         ...
 
     async def record_failure(self, session_id: str, error: dict[str, Any]) -> None:
