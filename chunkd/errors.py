@@ -4,7 +4,6 @@
      ├── BadRequest                  400  malformed request (JSON, query, headers, body length)
      │    └── ChecksumMismatch       400  checksum_mismatch: body does not match X-Chunk-Checksum
      ├── NotFound                    404  unknown session or route
-     ├── MethodNotAllowed            405
      ├── RequestTimeout              408  the body stopped arriving
      ├── Conflict                    409  state conflict (missing chunks, already finalized, ...)
      ├── Gone                        410  session expired or aborted
@@ -72,11 +71,6 @@ class ChecksumMismatch(BadRequest):
 class NotFound(ChunkdError):
     status = 404
     code = "not_found"
-
-
-class MethodNotAllowed(ChunkdError):
-    status = 405
-    code = "method_not_allowed"
 
 
 class RequestTimeout(ChunkdError):

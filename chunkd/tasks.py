@@ -31,7 +31,6 @@ from chunkd.store.filesystem import LEASE_STALE_SECONDS, FileSystemStore, LeaseL
 
 log = logging.getLogger("chunkd.tasks")
 
-FINAL = ("complete", "failed")
 #: Steps kept in a task's history (a WhisperX task has a handful; a chatty command may have more).
 MAX_HISTORY = 500
 

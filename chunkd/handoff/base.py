@@ -16,7 +16,7 @@ for the same task after a crash: look at ``job.state`` to resume instead of star
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,7 +58,6 @@ class Job:
     report: Callable[[str, int, str], Awaitable[None]]
     remember: Callable[..., Awaitable[None]]
     claim_once: Callable[[str], Awaitable[bool]]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Handoff(Protocol):
