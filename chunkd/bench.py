@@ -29,7 +29,7 @@ from chunkd.config import ConfigError, MiB, parse_duration, parse_size
 
 def wav_header(size: int) -> bytes:
     """A 16 kHz mono PCM WAV header for ``size`` bytes in all, so libmagic says audio/x-wav."""
-    data = max(0, size - 44)
+    data = min(max(0, size - 44), 0xFFFFFFFF - 36)  # RIFF sizes are 32-bit; libmagic does not mind
     return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt "
             + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
             + b"data" + struct.pack("<I", data))
@@ -109,6 +109,7 @@ async def run_bench(
     latencies: list[float] = []
     finalize_times: list[float] = []
     session_ids: list[str] = []
+    finalized: set[str] = set()
     completed = 0
     failures: list[str] = []
 
@@ -127,26 +128,25 @@ async def run_bench(
                 t0 = time.monotonic()
                 await client.finalize(result.session_id)
                 finalize_times.append(time.monotonic() - t0)
+                finalized.add(result.session_id)
             completed += 1
         except ChunkdClientError as exc:
             failures.append(f"{exc.status} {exc.code}: {exc.message}")
 
     start = time.monotonic()
     tasks = [asyncio.create_task(one(i)) for i in range(sessions)]
-    done, pending = await asyncio.wait(tasks, timeout=duration)
-    for t in pending:
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    elapsed = time.monotonic() - start
-    bar.close()
-    rss = peak_rss_mib(server_pid) if server_pid else None
-    if not finalize:
-        for sid in session_ids:  # leave nothing behind
-            try:
-                await client.abort(sid)
-            except ChunkdClientError:
-                pass
-    await client.close()
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=duration)
+    finally:  # --duration, Ctrl-C or an error: stop every upload and leave nothing behind
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()
+        elapsed = time.monotonic() - start
+        rss = peak_rss_mib(server_pid) if server_pid else None
+        await client.close()
+        await _abort_all(url, session_ids if not finalize else
+                         [sid for sid in session_ids if sid not in finalized])
     total = sum(sent)
     return {
         "url": url,
@@ -173,6 +173,20 @@ async def run_bench(
         "server_pid": server_pid,
         "server_peak_rss_mib": round(rss, 1) if rss is not None else None,
     }
+
+
+async def _abort_all(url: str, session_ids: list[str]) -> None:
+    """Abort sessions concurrently, each with a short timeout (their reserved space is freed)."""
+    if not session_ids:
+        return
+    async with ChunkdClient(url, timeout=10) as cleaner:
+        async def abort(sid: str) -> None:
+            try:
+                await cleaner.abort(sid)
+            except ChunkdClientError:
+                pass  # gone already, or the server is not answering: the sweeper will do it
+
+        await asyncio.gather(*(abort(sid) for sid in session_ids))
 
 
 def table(r: dict[str, Any]) -> str:
@@ -223,11 +237,18 @@ def run(args: argparse.Namespace) -> int:
         print("chunkd bench: error: sessions, parallel, size, chunk size (>=1KiB) and duration "
               "must be positive", file=sys.stderr)
         return 2
+    if not args.url.startswith(("http://", "https://")):
+        print(f"chunkd bench: error: --url must start with http:// or https://", file=sys.stderr)
+        return 2
     pid = args.server_pid or local_server_pid(args.url)
-    result = asyncio.run(run_bench(
-        args.url, sessions=args.sessions, parallel=args.parallel, size=size, chunk_size=chunk,
-        duration=duration, finalize=args.finalize, server_pid=pid,
-        show_progress=not args.json and sys.stderr.isatty(),
-    ))
+    try:
+        result = asyncio.run(run_bench(
+            args.url, sessions=args.sessions, parallel=args.parallel, size=size,
+            chunk_size=chunk, duration=duration, finalize=args.finalize, server_pid=pid,
+            show_progress=not args.json and sys.stderr.isatty(),
+        ))
+    except KeyboardInterrupt:
+        print("\nchunkd bench: interrupted; its sessions were aborted", file=sys.stderr)
+        return 130
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json else table(result))
     return 0 if result["completed_sessions"] == args.sessions else 1

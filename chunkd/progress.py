@@ -182,7 +182,11 @@ class ProgressHub:
             watch.task = asyncio.create_task(self._run(session_id, watch))
         watch.subscribers.add(sub)
         watch.poke.set()
-        await sub.ready.wait()  # the snapshot goes first, before anything else is queued
+        try:
+            await sub.ready.wait()  # the snapshot goes first, before anything else is queued
+        except BaseException:  # the client went away (or the handler was cancelled) meanwhile
+            self.unsubscribe(sub)
+            raise
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:

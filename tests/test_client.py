@@ -225,3 +225,54 @@ async def test_chunkd_bench_json(server_factory):
     assert doc["finalize_ms_median"] > 0
     assert doc["errors_by_status"] == {}
     assert doc["server_pid"] == srv.proc.pid and doc["server_peak_rss_mib"] > 10
+
+
+async def test_a_changed_file_is_not_resumed_into_the_old_session(server_factory, tmp_path):
+    srv = server_factory()
+    path = media_file(tmp_path, 1024 * 1024)
+    source = FileSource(path)
+    async with ChunkdClient(srv.url, chunk_size=128 * 1024) as client:
+        sid = (await client.create_session(source.name, source.size))["session_id"]
+        await client.put_chunk(sid, 0, source, 0, 128 * 1024)
+    cache = tmp_path / "cache"
+    from chunkd.client.upload_command import ResumeState
+
+    state = ResumeState(cache / "chunkd" / "uploads.json")
+    state.put(state.key(srv.url, source), sid)
+    # same path, size and mtime, other bytes: an in-place edit with the mtime put back
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(50_000)  # inside chunk 0, which the old session already has
+        f.write(b"\xff" * 1000)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = await asyncio.to_thread(run_upload, srv.url, path, cache, "--chunk-size", "128KiB")
+    assert out.returncode == 0, out.stderr
+    assert "(resumed)" not in out.stdout
+    task_id = out.stdout.strip().rsplit("task ", 1)[1]
+    assert sha256(completed_file(srv.data_dir, task_id).read_bytes()) == sha256(path.read_bytes())
+
+
+async def test_chunkd_bench_interrupted_leaves_no_session(server_factory):
+    srv = server_factory("--durable", "off")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chunkd", "bench", "--url", srv.url, "--sessions", "3",
+         "--size", "2GiB", "--chunk-size", "8MiB", "--duration", "60s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sessions = srv.data_dir / "sessions"
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if len([p for p in sessions.iterdir() if not p.name.startswith(".")]) == 3:
+            break
+    await asyncio.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert [p for p in sessions.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_chunkd_upload_of_a_directory_is_one_line(tmp_path):
+    folder = tmp_path / "folder.wav"
+    folder.mkdir()
+    out = run_upload("http://127.0.0.1:9", folder, tmp_path)
+    assert out.returncode == 1 and "not a regular file" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -44,6 +44,8 @@ class ChunkdClientError(Exception):
 
     @property
     def retryable(self) -> bool:
+        if self.status < 0:  # a local problem (the file): trying again will not help
+            return False
         return self.status == 0 or self.status >= 500 or self.status == 429 or (
             self.code in RETRY_CODES
         )
@@ -286,9 +288,18 @@ class ChunkdClient:
                 except asyncio.QueueEmpty:
                     return
                 t0 = time.monotonic()
-                await self._with_retries(
-                    lambda: self.put_chunk(sid, i, source, i * chunk_size, length(i)), count_retry
-                )
+                try:
+                    await self._with_retries(
+                        lambda: self.put_chunk(sid, i, source, i * chunk_size, length(i)),
+                        count_retry,
+                    )
+                except ChunkdClientError as exc:
+                    if exc.code != "session_finalized":
+                        raise
+                    return  # another run of this upload finished it: finalize gives its task
+                except OSError as exc:
+                    raise ChunkdClientError(-1, "read_error", f"cannot read {source.name}: "
+                                            f"{exc.strerror or exc}") from None
                 latencies.append(time.monotonic() - t0)
                 state.sent_bytes += length(i)
                 state.done_bytes += length(i)
@@ -305,6 +316,10 @@ class ChunkdClient:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         final: dict[str, Any] = {}
+        changed = getattr(source, "changed", None)
+        if changed is not None and changed():
+            raise ChunkdClientError(-1, "file_changed", f"{source.name} changed while it was "
+                                    "being uploaded; not finalizing it")
         if finalize:
             final = await self.finalize(sid)
         return UploadResult(sid, final.get("task_id"), state.sent_bytes, source.size,
@@ -316,19 +331,27 @@ class ChunkdClient:
         """Follow ``/ws/tasks/{id}`` until the server closes it; return the final message."""
         url = self.base_url.replace("http", "ws", 1) + f"/ws/tasks/{any_id}"
         last: dict[str, Any] | None = None
-        async with self.http.ws_connect(url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(
-                ws_close=10)) as ws:
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                doc = orjson.loads(msg.data)
-                if on_message is not None:
-                    on_message(doc)
-                if doc.get("type") in ("progress", "error"):
-                    last = doc
-            if ws.close_code not in (1000, None) and (last is None or not _final(last)):
-                raise ChunkdClientError(0, f"ws_{ws.close_code}",
-                                        f"progress stream closed: {ws.close_code}")
+        try:
+            async with self.http.ws_connect(url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(
+                    ws_close=10)) as ws:
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    doc = orjson.loads(msg.data)
+                    if on_message is not None:
+                        on_message(doc)
+                    if doc.get("type") in ("progress", "error"):
+                        last = doc
+                if ws.close_code not in (1000, None) and (last is None or not _final(last)):
+                    meaning = {4404: "unknown session or task", 4410: "session expired or aborted",
+                               4008: "too slow", 1001: "server going away"}
+                    raise ChunkdClientError(
+                        0, f"ws_{ws.close_code}", f"progress stream closed: {ws.close_code} "
+                        f"({meaning.get(ws.close_code or 0, 'unexpected')})")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise ChunkdClientError(0, "connection_error",
+                                    f"cannot follow progress at {url}: {exc or type(exc).__name__}"
+                                    ) from None
         return last
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
+import random
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,9 +20,21 @@ class FileSource:
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = Path(path)
         st = self.path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
         self.size = st.st_size
         self.mtime_ns = st.st_mtime_ns
         self.name = name or self.path.name
+        #: What identifies this version of the file: a resume must be into the same bytes.
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def changed(self) -> bool:
+        """True when the file is no longer the one this source was made from."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.identity
 
     def _read(self, offset: int, length: int) -> bytes:
         with open(self.path, "rb", buffering=0) as f:
@@ -50,18 +65,22 @@ class FileSource:
         return await asyncio.to_thread(run)
 
 
+@functools.lru_cache(maxsize=4)
+def _random_block(seed: int) -> bytes:
+    """One random MiB per seed, shared by every source using it (bench runs many sources)."""
+    return random.Random(seed).randbytes(PIECE)
+
+
 class GeneratedSource:
     """``size`` bytes made of one random block repeated, behind a real media header so the
     server's libmagic check accepts it. Nothing is read from disk: the client is not the limit."""
 
     def __init__(self, size: int, *, name: str = "bench.wav", header: bytes = b"", seed: int = 0
                  ) -> None:
-        import random
-
         self.size = size
         self.name = name
         self.header = header[:size]
-        self.block = random.Random(seed).randbytes(PIECE)
+        self.block = _random_block(seed)
 
     def _slices(self, offset: int, length: int) -> list[memoryview]:
         out = []

@@ -42,7 +42,9 @@ class ResumeState:
             return {}  # a damaged state file only costs a fresh upload
 
     def key(self, url: str, source: FileSource) -> str:
-        return f"{url.rstrip('/')}|{source.path.resolve()}|{source.size}|{source.mtime_ns}"
+        """Server + this exact version of the file (path, device, inode, size, mtime, ctime)."""
+        version = "|".join(str(v) for v in source.identity)
+        return f"{url.rstrip('/')}|{source.path.resolve()}|{version}"
 
     def get(self, key: str) -> str | None:
         return self._load().get(key)
@@ -89,6 +91,8 @@ def _fail(message: str) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if not args.url.startswith(("http://", "https://")):
+        return _fail(f"--url must start with http:// or https:// (got {args.url!r})")
     try:
         source = FileSource(args.file)
     except OSError as exc:
@@ -96,7 +100,9 @@ async def _run(args: argparse.Namespace) -> int:
     if source.size == 0:
         return _fail(f"{args.file} is empty")
     try:
-        chunk_size = parse_size(args.chunk_size) if args.chunk_size else None
+        chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
+        if chunk_size is not None and chunk_size <= 0:
+            raise ConfigError("--chunk-size must be positive")
         task_params = orjson.loads(args.task_params) if args.task_params else None
     except (ConfigError, orjson.JSONDecodeError) as exc:
         return _fail(str(exc))
@@ -125,7 +131,7 @@ async def _run(args: argparse.Namespace) -> int:
                     on_session=lambda sid: state.put(key, sid),
                 )
             except ChunkdClientError as exc:
-                if session_id is None or exc.status not in (404, 409, 410):
+                if session_id is None or exc.status not in (404, 410):
                     raise
                 # The remembered session is gone (expired, aborted, swept): start afresh.
                 state.put(key, None)
@@ -136,7 +142,12 @@ async def _run(args: argparse.Namespace) -> int:
                 )
         except ChunkdClientError as exc:
             bar.close()
+            if exc.code == "file_changed":
+                state.put(key, None)  # that session holds another version of the file
             return _fail(exc.message)
+        except OSError as exc:
+            bar.close()
+            return _fail(f"cannot read {args.file}: {exc.strerror or exc}")
         bar.n = source.size
         bar.close()
         state.put(key, None)
