@@ -1,8 +1,9 @@
 """``chunkd upload FILE --url URL``: upload with a progress bar; run it again to resume.
 
 The session of an interrupted upload is remembered in a small state file under the user's cache
-dir (``$XDG_CACHE_HOME/chunkd/uploads.json``), keyed by server, path, size and mtime: the same
-command on the same unchanged file resumes it, sending only the missing chunks.
+dir (``$XDG_CACHE_HOME/chunkd/uploads.json``), keyed by server, path, inode, size, mtime and
+ctime: the same command on the same unchanged file resumes it, sending only the missing chunks;
+a file changed in any way starts a new session.
 """
 
 from __future__ import annotations
