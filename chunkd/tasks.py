@@ -229,20 +229,29 @@ async def retry_task(store: FileSystemStore, task_id: str) -> dict[str, Any]:
     Its one-time claims are kept as history and freed, so the hand-off submits or runs once more.
     """
     sid = await store.resolve(task_id)
-    state = await store.state(sid)
-    task = state.task
-    if task is None or task.get("task_id") != task_id:
-        raise ChunkdError(f"no task {task_id}", code="task_not_found")
-    if task.get("stage") != "failed":
-        raise ChunkdError(f"task {task_id} is {task.get('stage')}, not failed", code="not_failed")
-    if not store.data_path(sid).exists():
-        raise ChunkdError(f"the file of task {task_id} is gone; it cannot be retried",
-                          code="file_gone")
-    for name in ("submit", "run"):
-        await store.release_once(sid, name)
-    for key in ("error", "identifier", "has_result"):
-        task.pop(key, None)
-    task.update(stage="queued", percentage=0, message="Queued again by chunkd retry",
-                attempt=int(task.get("attempt", 1)) + 1, updated_at=time.time())
-    await store.record_task(sid, task)
+    await store.get(sid)  # unknown or removed: a clear error, not a missing folder
+    # Hold the task's lease while checking and resetting it: no runner (and no second retry)
+    # can act on the task in between.
+    lease = await store.take_lease(sid)
+    if lease is None:
+        raise ChunkdError(f"task {task_id} is being worked on right now", code="task_busy")
+    try:
+        task = (await store.state(sid)).task
+        if task is None or task.get("task_id") != task_id:
+            raise ChunkdError(f"no task {task_id}", code="task_not_found")
+        if task.get("stage") != "failed":
+            raise ChunkdError(f"task {task_id} is {task.get('stage')}, not failed",
+                              code="not_failed")
+        if not store.data_path(sid).exists():
+            raise ChunkdError(f"the file of task {task_id} is gone; it cannot be retried",
+                              code="file_gone")
+        for name in ("submit", "run"):
+            await store.release_once(sid, name)
+        for key in ("error", "identifier", "has_result"):
+            task.pop(key, None)
+        task.update(stage="queued", percentage=0, message="Queued again by chunkd retry",
+                    attempt=int(task.get("attempt", 1)) + 1, updated_at=time.time())
+        await store.record_task(sid, task, lease=lease)
+    finally:
+        await store.release_lease(lease)
     return task
