@@ -39,6 +39,13 @@ async def status(http: aiohttp.ClientSession, url: str, sid: str) -> dict:
         return await resp.json()
 
 
+async def status_after_restart(server_factory, sid: str) -> dict:
+    """Start a new chunkd on the same folder and ask it for the session's status."""
+    srv = server_factory()
+    async with aiohttp.ClientSession() as http:
+        return await status(http, srv.url, sid)
+
+
 async def start_partial_chunk(url: str, sid: str, index: int, body: bytes, sent: int):
     """Open a raw connection, send headers for the whole chunk and only ``sent`` bytes of it."""
     u = urlsplit(url)
@@ -128,14 +135,9 @@ async def test_sigterm_lets_an_inflight_chunk_finish(server_factory):
     assert b'"received_chunks":1' in reply
     out, _ = srv.proc.communicate(timeout=20)
     assert srv.proc.returncode == 0, out
-    srv2 = srv.__class__(srv.data_dir).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            doc = await status(http, srv2.url, sid)
-        assert doc["received_chunks"] == 1
-        assert 1 not in doc["missing_chunks"]
-    finally:
-        srv2.stop()
+    doc = await status_after_restart(server_factory, sid)
+    assert doc["received_chunks"] == 1
+    assert 1 not in doc["missing_chunks"]
 
 
 async def test_sigterm_discards_a_chunk_that_never_finishes(server_factory):
@@ -152,11 +154,6 @@ async def test_sigterm_discards_a_chunk_that_never_finishes(server_factory):
     out, _ = srv.proc.communicate(timeout=20)  # exits after the 1 s grace, chunk 2 unfinished
     writer.close()
     assert srv.proc.returncode == 0, out
-    srv2 = srv.__class__(srv.data_dir).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            doc = await status(http, srv2.url, sid)
-        assert doc["received_chunks"] == 1
-        assert 2 in doc["missing_chunks"]
-    finally:
-        srv2.stop()
+    doc = await status_after_restart(server_factory, sid)
+    assert doc["received_chunks"] == 1
+    assert 2 in doc["missing_chunks"]
