@@ -347,8 +347,6 @@ class FileSystemStore:
             else:
                 del self.inflight[sid]
             await _close_async(fd)  # also releases the range lock
-            if idle_timeout is not None:
-                await body.aclose()  # type: ignore[attr-defined]  # end its timeout now, not at GC
         return ChunkReceipt(index, len(received), already_received=False)
 
     def _already_counted(self, sid: str, marker: Path) -> str | None:
@@ -721,25 +719,18 @@ _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux open-file-description 
 
 
 async def _with_idle_timeout(body: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
-    """The body, but a client that sends nothing for ``seconds`` gets 408 (slow-loris guard).
-
-    One timeout, re-armed before each read and disarmed while the piece is being written
-    (``asyncio.wait_for`` per piece would cost a task per network read on the hot path)."""
-    loop = asyncio.get_running_loop()
+    """The body, but a client that sends nothing for ``seconds`` gets 408 (slow-loris guard)."""
     it = aiter(body)
-    try:
-        async with asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + seconds)
-                try:
-                    data = await anext(it)
-                except StopAsyncIteration:
-                    return
-                deadline.reschedule(None)
-                yield data
-    except TimeoutError:
-        raise RequestTimeout(f"no chunk data arrived for {seconds:g} s",
-                             code="body_timeout") from None
+    while True:
+        try:
+            data = await asyncio.wait_for(anext(it), seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"no chunk data arrived for {seconds:g} s", code="body_timeout"
+            ) from None
+        yield data
 
 
 def _too_long(length: int) -> TooLarge:
