@@ -49,13 +49,12 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -67,12 +66,19 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import core  # noqa: E402  (benchmarks/core.py: helpers shared with the core benchmark)
-from core import (  # noqa: E402
-    AUDIO_HEAD, GiB, MiB, REPO, SERVER_START_TIMEOUT, SERVER_STOP_TIMEOUT, Results, human,
-    mb_per_s, read_proc_stat, read_proc_status, say,
-)
-
 from chunkd.client import ChunkdClient, GeneratedSource  # noqa: E402
+from core import (  # noqa: E402
+    AUDIO_HEAD,
+    REPO,
+    GiB,
+    MiB,
+    Results,
+    human,
+    mb_per_s,
+    read_proc_stat,
+    read_proc_status,
+    say,
+)
 
 PEERS = HERE / ".peers"
 PY_VENV = PEERS / "py"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import os
 import re
 import signal
@@ -42,6 +43,11 @@ from chunkd.client import ChunkdClient, GeneratedSource  # noqa: E402
 
 PY_SPY = HERE / ".peers" / "py" / "bin" / "py-spy"
 RATE = 200  #: samples per second
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    if spy.poll() is None:
+        os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
 
 
 def short(frame: str) -> str:
@@ -136,9 +142,7 @@ def main() -> int:
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE)
 
-                def stop_spy() -> None:
-                    if spy.poll() is None:
-                        os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+                stop_spy = functools.partial(stop_profiler, spy)
 
                 try:
                     time.sleep(1.0)  # py-spy attached

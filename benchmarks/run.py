@@ -36,7 +36,7 @@ except ImportError:  # started with another python: use the project's venv if th
     if venv_python.exists() and Path(sys.executable) != venv_python:
         os.execv(str(venv_python), [str(venv_python), *sys.argv])
     raise SystemExit("run this with the project's venv: .venv/bin/python benchmarks/run.py "
-                     "(make setup creates it)")
+                     "(make setup creates it)") from None
 
 sys.path.insert(0, str(HERE))
 import core  # noqa: E402
@@ -168,7 +168,7 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
                 v = pm(f"{sc}:chunkd-{mode}:mbps")
                 ratio_row(f"chunkd --durable {mode} ÷ {peers.SERVERS[kind]}, {label}",
                           v / peer, 1.5, f"{v:.0f} ÷ {peer:.0f} MB/s")
-        ours, theirs = pm(f"1x:chunkd-on:finalize"), pm(f"1x:{kind}:finalize")
+        ours, theirs = pm("1x:chunkd-on:finalize"), pm(f"1x:{kind}:finalize")
         met = ours < theirs
         rows.append((f"finalize faster than {peers.SERVERS[kind]} (1 x {core.human(pdoc['size_bytes'])})",
                      f"{ours:.1f} vs {theirs:.1f} ms*", "chunkd < peer", met,

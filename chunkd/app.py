@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -13,23 +12,36 @@ from chunkd.api.middleware import errors_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.config import Config
+from chunkd.core.periodic import Periodic
+from chunkd.core.recovery import recover_once
+from chunkd.core.sweeper import sweep
+from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
-from chunkd.finalize import finalize
 from chunkd.handoff import make_handoff
 from chunkd.keys import CONFIG, DRAIN, HUB, RUNNER, STORE
 from chunkd.progress import ProgressHub
-from chunkd.store.filesystem import FileSystemStore
-from chunkd.sweeper import sweeper_ctx
-from chunkd.tasks import TaskRunner
+from chunkd.store import FileSystemStore
 from chunkd.validate import warm_up
 
+#: How often each process looks for interrupted finalizes and orphaned tasks.
+RECOVERY_INTERVAL = 5.0
 
-async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Resume unfinished tasks at start; stop them on the way out (a restart resumes them)."""
+
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The sweeper and recovery run while the app runs; hand-offs stop on the way out (their
+    leases go stale and a restart resumes them)."""
     await asyncio.to_thread(warm_up)  # libmagic's database, before any finalize needs it
-    await app[RUNNER].open()
+    store, runner = app[STORE], app[RUNNER]
+    jobs = [
+        Periodic("sweeper", app[CONFIG].sweep_interval, lambda: sweep(store, store.clock())),
+        Periodic("recovery", RECOVERY_INTERVAL, lambda: recover_once(store, runner)),
+    ]
+    for job in jobs:
+        job.start()
     yield
-    await app[RUNNER].close()
+    for job in jobs:
+        await job.stop()
+    await runner.close()
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -50,11 +62,9 @@ def make_app(config: Config) -> web.Application:
     app[DRAIN] = drain
     app[STORE] = store
     app[HUB] = hub
-    runner = app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
-    runner.recover = functools.partial(finalize, store, runner)
+    app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app.add_routes(upload_routes)
     app.add_routes(ws_routes)
-    app.cleanup_ctx.append(sweeper_ctx)
-    app.cleanup_ctx.append(_tasks_ctx)
+    app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_close_sockets)
     return app

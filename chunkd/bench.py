@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
               "must be positive", file=sys.stderr)
         return 2
     if not args.url.startswith(("http://", "https://")):
-        print(f"chunkd bench: error: --url must start with http:// or https://", file=sys.stderr)
+        print("chunkd bench: error: --url must start with http:// or https://", file=sys.stderr)
         return 2
     pid = args.server_pid or local_server_pid(args.url)
     try:

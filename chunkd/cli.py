@@ -14,14 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chunkd import __version__, bench
-from chunkd.client import upload_command
 from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
+from chunkd.client import upload_command
 from chunkd.config import Config, ConfigError, env_name, load_config
+from chunkd.core.tasks import retry_task
 from chunkd.errors import ChunkdError
+from chunkd.handoff import ONCE_CLAIMS
 from chunkd.keys import DRAIN
-from chunkd.store.filesystem import FileSystemStore
-from chunkd.tasks import retry_task
+from chunkd.model.task import Task
+from chunkd.store import FileSystemStore
 
 _HELP = {
     "data_dir": "folder for sessions and finished files (default ./data)",
@@ -118,7 +120,7 @@ def _handoff_line(config: Config) -> str:
         return f"whisperx at {config.whisperx_url}"
     if config.handoff == "command":
         return f"command: {config.handoff_command}"
-    return f"folder {(config.data_dir / 'completed').resolve()}"
+    return f"folder {config.completed_dir.resolve()}"
 
 
 async def serve(config: Config) -> None:
@@ -134,8 +136,8 @@ async def serve(config: Config) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-    port = sockets[0].getsockname()[1] if sockets else config.port
+    addresses = runner.addresses  # the bound (host, port, ...) of each listening socket
+    port = addresses[0][1] if addresses else config.port
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(describe(config, f"http://{host}:{port}"), flush=True)
     try:
@@ -181,17 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+async def _retry_task(store: FileSystemStore, task_id: str) -> Task:
+    sid = await store.resolve(task_id)
+    task = (await store.state(sid)).task
+    once = ONCE_CLAIMS.get(task.handoff, ()) if task is not None else ()
+    return await retry_task(store, task_id, once)
+
+
 def _retry(args: argparse.Namespace) -> int:
     try:
         config = load_config({"data_dir": args.data_dir})
-        if not (config.data_dir / "sessions").is_dir():
+        if not FileSystemStore.is_data_dir(config.data_dir):
             raise ConfigError(f"{config.data_dir} is not a chunkd data dir")
         store = FileSystemStore(config.data_dir)
-        task = asyncio.run(retry_task(store, args.task_id))
+        task = asyncio.run(_retry_task(store, args.task_id))
     except (ConfigError, ChunkdError, OSError) as exc:
         print(f"chunkd: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
-    print(f"task {task['task_id']} queued again (attempt {task['attempt']}); a running chunkd on "
+    print(f"task {task.task_id} queued again (attempt {task.attempt}); a running chunkd on "
           f"{config.data_dir} takes it within seconds")
     return 0
 

@@ -31,10 +31,8 @@ DEFAULT_MAX_FILE_SIZE = 50 * GiB
 DEFAULT_SESSION_TTL = 24 * 3600.0
 DEFAULT_SWEEP_INTERVAL = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-#: Smallest chunk a client may ask for; keeps the number of marker files per session sane.
+#: Smallest chunk size the server may be configured to offer (a store may ask for more).
 MIN_CHUNK_SIZE = 1 * KiB
-#: Upper bound on chunks per session (one marker file each).
-MAX_CHUNKS = 100_000
 
 DEFAULT_EXTENSIONS = (
     "mp3", "wav", "m4a", "aac", "ogg", "oga", "opus", "flac", "wma", "amr", "aiff", "aif",
@@ -94,6 +92,11 @@ class Config:
     handoff_retries: int = 5
     #: First pause between those tries, doubled each time (with jitter).
     handoff_retry_delay: float = 1.0
+
+    @property
+    def completed_dir(self) -> Path:
+        """Where the folder hand-off puts finished files (``<data_dir>/completed``)."""
+        return self.data_dir / "completed"
 
     def validate(self) -> Config:
         """Raise :class:`ConfigError` for the first bad value; return ``self`` otherwise."""

@@ -16,7 +16,7 @@ import contextlib
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from chunkd.errors import ServiceUnavailable
+from chunkd import errors as E
 
 
 class Drain:
@@ -30,9 +30,7 @@ class Drain:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.draining:
-            raise ServiceUnavailable(
-                "chunkd is shutting down; retry in a moment", code="shutting_down"
-            )
+            raise E.SHUTTING_DOWN()
         if request.headers.get("Upgrade", "").lower() == "websocket":
             # Sockets live long; they are closed by the hub at shutdown, not waited for.
             return await handler(request)

@@ -1,113 +1,193 @@
-"""Every error chunkd can answer with, declared once.
+"""Every error chunkd can answer with, declared once: one :class:`ErrorCode` per code.
 
-    ChunkdError                      (500 internal_error)
-     ├── BadRequest                  400  malformed request (JSON, query, headers, body length)
-     │    └── ChecksumMismatch       400  checksum_mismatch: body does not match X-Chunk-Checksum
-     ├── NotFound                    404  unknown session or route
-     ├── RequestTimeout              408  the body stopped arriving
-     ├── Conflict                    409  state conflict (missing chunks, already finalized, ...)
-     ├── Gone                        410  session expired or aborted
-     ├── TooLarge                    413  file, chunk or body over a limit
-     ├── UnsupportedMediaType        415  content type / libmagic type not allowed
-     ├── InvalidField                422  a field has a wrong type or value
-     ├── ServiceUnavailable          503  shutting down: retry (on another instance)
-     └── InsufficientStorage         507  not enough disk space
+    ChunkdError                  raised as ``SOME_CODE(**details)``: code, status, message, details
+     └── HandoffFailed           a hand-off gave up (its message is for people, ``detail`` for
+                                 operators); codes the outside service spelled are forwarded
 
-Handlers and the store raise these; one middleware (``chunkd.api.middleware``) renders them as
-``{"error": {"code": ..., "message": ..., **details}}`` with the class's status. Nothing else
-ever reaches the client: an unexpected exception becomes a 500 ``internal_error`` without a trace.
+Each entry below is ``(code, status, message template)``; the template is filled from the
+raise site's details, which also go into the reply. Nothing else declares a code or a status:
+the JSON API (``chunkd.api.middleware``), the WebSocket messages (``chunkd.progress``) and later
+tus render what they get from here. An unexpected exception becomes a 500 ``internal_error``
+without a trace.
+
+Statuses: 400 malformed, 401/403 auth, 404 unknown, 408 body stopped, 409 state conflict,
+410 expired or aborted, 413 too large, 415 not audio/video, 422 bad field value, 500 ours,
+502 the hand-off's service failed, 503 retry later, 507 disk full.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
 class ChunkdError(Exception):
-    """Base class: a stable ``code``, an HTTP ``status``, a human ``message`` and ``details``."""
+    """An error with a stable snake_case ``code``, an HTTP ``status``, a human ``message`` and
+    ``details`` (extra JSON fields of the reply)."""
 
-    status: int = 500
-    code: str = "internal_error"
-
-    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+    def __init__(self, code: str, status: int, message: str, details: dict[str, Any]) -> None:
         super().__init__(message)
+        self.code = code
+        self.status = status
         self.message = message
-        if code is not None:
-            self.code = code
         self.details = details
 
     def to_json(self) -> dict[str, Any]:
+        """The reply body: ``{"error": {"code", "message", **details}}``."""
         return {"error": {"code": self.code, "message": self.message, **self.details}}
 
+    def to_record(self) -> dict[str, Any]:
+        """What a store keeps of it (e.g. why finalize refused a file): the reply and its status."""
+        return {"status": self.status, **self.to_json()}
+
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ChunkdError:
-        """Rebuild an error stored as ``{"status": ..., **to_json()}`` (e.g. a failed finalize)."""
+    def from_record(cls, doc: dict[str, Any]) -> ChunkdError:
+        """The error :meth:`to_record` stored, raised again with the same status and body."""
         body = dict(doc["error"])
-        status = doc.get("status", 500)
-        kind = next((k for k in _all_subclasses(ChunkdError) if k.status == status), ChunkdError)
-        err = kind(body.pop("message"), code=body.pop("code"), **body)
-        err.status = status
-        return err
+        code, message = str(body.pop("code")), str(body.pop("message"))
+        return cls(code, int(doc.get("status", 500)), message, body)
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        out += [sub, *_all_subclasses(sub)]
-    return out
+class HandoffFailed(ChunkdError):
+    """The hand-off gave up. ``message`` is the user-facing sentence, ``detail`` is technical
+    (the service's reply, stderr, an exception); both reach the task's subscribers."""
+
+    def __init__(self, code: str, status: int, message: str, detail: str = "") -> None:
+        super().__init__(code, status, message, {})
+        self.detail = detail
+
+    def to_task_error(self) -> dict[str, str]:
+        """The shape the WhisperX frontend reads (``task.error`` and WebSocket ``error``)."""
+        return {"error_code": self.code, "user_message": self.message,
+                "technical_detail": self.detail}
 
 
-class BadRequest(ChunkdError):
-    status = 400
-    code = "bad_request"
+@dataclass(frozen=True)
+class ErrorCode:
+    """One code of the table: raise it as ``CODE(**details)`` (the template is filled from them)."""
+
+    code: str
+    status: int
+    template: str
+
+    def __call__(self, **details: Any) -> ChunkdError:
+        return ChunkdError(self.code, self.status, self.template.format(**details), details)
+
+    def saying(self, message: str, **details: Any) -> ChunkdError:
+        """The error with a message built elsewhere (e.g. aiohttp's reason, a parser's complaint)."""
+        return ChunkdError(self.code, self.status, message, details)
+
+    def handoff(self, detail: str = "", **fields: Any) -> HandoffFailed:
+        """As a hand-off failure (template filled from ``fields``, ``detail`` for operators)."""
+        return HandoffFailed(self.code, self.status, self.template.format(**fields), detail)
+
+    def forward(self, code: str, message: str, detail: str = "") -> HandoffFailed:
+        """A failure whose code and message the outside service chose (e.g. its own
+        ``UNSUPPORTED_FILE_EXTENSION``): forwarded as it spelled them, with this entry's status."""
+        return HandoffFailed(code, self.status, message, detail)
 
 
-class ChecksumMismatch(BadRequest):
-    """The chunk's bytes do not hash to the client's ``X-Chunk-Checksum``: resend the chunk."""
-
-    code = "checksum_mismatch"
+TABLE: dict[str, ErrorCode] = {}
 
 
-class NotFound(ChunkdError):
-    status = 404
-    code = "not_found"
+def _e(code: str, status: int, template: str) -> ErrorCode:
+    assert code not in TABLE, code
+    TABLE[code] = entry = ErrorCode(code, status, template)
+    return entry
 
 
-class RequestTimeout(ChunkdError):
-    status = 408
-    code = "request_timeout"
-
-
-class Conflict(ChunkdError):
-    status = 409
-    code = "conflict"
-
-
-class Gone(ChunkdError):
-    status = 410
-    code = "gone"
-
-
-class TooLarge(ChunkdError):
-    status = 413
-    code = "too_large"
-
-
-class UnsupportedMediaType(ChunkdError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class InvalidField(ChunkdError):
-    status = 422
-    code = "invalid_field"
-
-
-class ServiceUnavailable(ChunkdError):
-    status = 503
-    code = "service_unavailable"
-
-
-class InsufficientStorage(ChunkdError):
-    status = 507
-    code = "insufficient_storage"
+# -- 400: the request is malformed ------------------------------------------------------------
+BAD_REQUEST = _e("bad_request", 400, "the request is malformed")
+INVALID_JSON = _e("invalid_json", 400, "the request body must be a JSON object")
+MISSING_INDEX = _e("missing_index", 400, "the query parameter index is required")
+INVALID_INDEX = _e("invalid_index", 400, "index must be a non-negative integer")
+INVALID_CHECKSUM_HEADER = _e("invalid_checksum_header", 400,
+                             "X-Chunk-Checksum must be sha256=<64 hex digits>")
+CHUNK_INCOMPLETE = _e("chunk_incomplete", 400,
+                      "chunk {chunk_index} must be {expected_bytes} bytes, got {received_bytes}")
+CHECKSUM_MISMATCH = _e("checksum_mismatch", 400,
+                       "chunk {chunk_index} does not match its X-Chunk-Checksum; send it again")
+INVALID_BODY = _e("invalid_body", 400, "the request body could not be read")
+CLIENT_DISCONNECTED = _e("client_disconnected", 400, "the connection was closed")
+# -- 401 / 403: who is asking -----------------------------------------------------------------
+UNAUTHORIZED = _e("unauthorized", 401, "a valid bearer token is required")
+FORBIDDEN = _e("forbidden", 403, "this token may not access this upload session")
+# -- 404 ----------------------------------------------------------------------------------------
+NOT_FOUND = _e("not_found", 404, "no such resource")
+SESSION_NOT_FOUND = _e("session_not_found", 404, "no upload session with this id")
+TASK_NOT_FOUND = _e("task_not_found", 404, "no task {task_id}")
+METHOD_NOT_ALLOWED = _e("method_not_allowed", 405, "method not allowed")
+# -- 408 ----------------------------------------------------------------------------------------
+BODY_TIMEOUT = _e("body_timeout", 408, "no chunk data arrived for {seconds:g} s")
+# -- 409: the session's state does not allow it -----------------------------------------------
+CHUNKS_MISSING = _e("chunks_missing", 409,
+                    "{missing_count} of {total_chunks} chunks are missing")
+CHUNK_CONFLICT = _e("chunk_conflict", 409,
+                    "chunk {chunk_index} was already received with other content")
+CHUNK_BUSY = _e("chunk_busy", 409,
+                "chunk {chunk_index} is being uploaded by another request; try again later")
+SESSION_FINALIZED = _e("session_finalized", 409,
+                       "this upload session is already finalized; it takes no more changes")
+TASK_BUSY = _e("task_busy", 409, "task {task_id} is being worked on right now")
+NOT_FAILED = _e("not_failed", 409, "task {task_id} is {stage}, not failed")
+FILE_GONE = _e("file_gone", 409, "the file of task {task_id} is gone; it cannot be retried")
+# -- 410: the session ended -------------------------------------------------------------------
+SESSION_EXPIRED = _e("session_expired", 410, "this upload session has expired")
+SESSION_ABORTED = _e("session_aborted", 410, "this upload session was aborted")
+# -- 413 ----------------------------------------------------------------------------------------
+TOO_LARGE = _e("too_large", 413, "the request is too large")
+FILE_TOO_LARGE = _e("file_too_large", 413,
+                    "total_size {total_size} is over the limit of {max_file_size} bytes")
+CHUNK_SIZE_TOO_LARGE = _e("chunk_size_too_large", 413,
+                          "chunk_size {chunk_size} is over the limit of {max_chunk_size} bytes")
+CHUNK_TOO_LONG = _e("chunk_too_long", 413,
+                    "chunk {chunk_index} must be {expected_bytes} bytes; its body is longer")
+# -- 415 ----------------------------------------------------------------------------------------
+UNSUPPORTED_CONTENT_TYPE = _e("unsupported_content_type", 415, "send the body as {expected}")
+UNSUPPORTED_CONTENT = _e("unsupported_content", 415,
+                         "the file's content is {detected_type}, not audio or video")
+# -- 422: a field has a wrong type or value ---------------------------------------------------
+MISSING_FIELD = _e("missing_field", 422, "{field} is required")
+INVALID_TYPE = _e("invalid_type", 422, "{field} must be {expected}")
+INVALID_VALUE = _e("invalid_value", 422, "{field} {rule}")
+FILENAME_TOO_LONG = _e("filename_too_long", 422, "filename is longer than {max_bytes} bytes")
+INVALID_FILENAME = _e("invalid_filename", 422, "filename must be {rule}")
+EXTENSION_NOT_ALLOWED = _e("extension_not_allowed", 422,
+                           "filename must end with an audio or video extension")
+INDEX_OUT_OF_RANGE = _e("index_out_of_range", 422,
+                        "index must be between 0 and {last_index}")
+TOTAL_CHUNKS_MISMATCH = _e("total_chunks_mismatch", 422,
+                           "total_chunks must be ceil(total_size / chunk_size) = {expected}")
+TOO_MANY_CHUNKS = _e("too_many_chunks", 422,
+                     "a session has at most {max_chunks} chunks; use a larger chunk_size")
+# -- 5xx ----------------------------------------------------------------------------------------
+INTERNAL_ERROR = _e("internal_error", 500, "an internal error occurred")
+HTTP_ERROR = _e("http_error", 500, "the request failed")
+SHUTTING_DOWN = _e("shutting_down", 503, "chunkd is shutting down; retry in a moment")
+SERVER_BUSY = _e("server_busy", 503, "the server is busy; retry in a moment")
+INSUFFICIENT_STORAGE = _e("insufficient_storage", 507, "not enough disk space: {reason}")
+# -- hand-off failures (a task's final error, never an HTTP reply) ------------------------------
+PROCESSING_FAILED = _e("processing_failed", 500, "processing failed")
+SUBMISSION_INTERRUPTED = _e(
+    "submission_interrupted", 502,
+    "chunkd stopped while sending this file to the transcription service, so it may or may not "
+    "have it; `chunkd retry <task_id>` sends it again")
+SERVICE_TIMEOUT = _e(
+    "service_timeout", 504,
+    "The transcription service did not answer within {seconds:g} s; it may still be working on "
+    "the file. `chunkd retry <task_id>` sends it again")
+SERVICE_DISCONNECTED = _e("service_disconnected", 502,
+                          "The connection to the transcription service broke while it had the file")
+BAD_SERVICE_REPLY = _e("bad_service_reply", 502,
+                       "The transcription service's reply had no task identifier")
+SERVICE_UNAVAILABLE = _e("service_unavailable", 503,
+                         "The transcription service did not take the file after {tries} tries")
+SERVICE_UNREACHABLE = _e("service_unreachable", 502,
+                         "Lost contact with the transcription service after {tries} tries")
+SERVICE_REFUSED = _e("service_refused", 502, "The transcription service answered {status}")
+TRANSCRIPTION_FAILED = _e("transcription_failed", 502, "{reason}")
+COMMAND_INTERRUPTED = _e(
+    "interrupted", 500,
+    "chunkd stopped while the command was running; `chunkd retry <task_id>` runs it again")
+COMMAND_NOT_RUNNABLE = _e("command_not_runnable", 500, "cannot run {program}")
+COMMAND_FAILED = _e("command_failed", 500, "{program} exited with status {status}")

@@ -3,13 +3,13 @@
 from aiohttp import web
 
 from chunkd.config import Config
+from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.progress import ProgressHub
-from chunkd.store.filesystem import FileSystemStore
-from chunkd.tasks import TaskRunner
+from chunkd.store.base import SessionStore
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", FileSystemStore)
+STORE = web.AppKey("store", SessionStore)
 HUB = web.AppKey("hub", ProgressHub)
 RUNNER = web.AppKey("runner", TaskRunner)
 DRAIN = web.AppKey("drain", Drain)

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from chunkd.errors import ChunkdError, Gone, NotFound
-from chunkd.store.base import SessionState, SessionStore
+from chunkd.errors import ChunkdError
+from chunkd.model.session import SessionState
+from chunkd.model.task import Step
+from chunkd.store.base import SessionStore
 
 log = logging.getLogger("chunkd.progress")
 
@@ -38,7 +40,10 @@ CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_SESSION_GONE = 4410
 CLOSE_TOO_SLOW = 4008
 
-FINAL_STAGES = ("complete", "failed")
+
+def close_code_for(exc: ChunkdError) -> int:
+    """How a stream ends on a store error: the session is gone (410) or unknown."""
+    return CLOSE_SESSION_GONE if exc.status == 410 else CLOSE_UNKNOWN_SESSION
 
 
 def now_iso() -> str:
@@ -71,39 +76,35 @@ def error_message(task_id: str | None, code: str, user: str, detail: str = "") -
     }
 
 
-def _progress(task_id: str, step: dict[str, Any]) -> dict[str, Any]:
+def _progress(task_id: str, step: Step) -> dict[str, Any]:
     return {
         "type": "progress",
         "task_id": task_id,
-        "stage": step.get("stage", "queued"),
-        "percentage": step.get("percentage", 0),
-        "message": step.get("message", ""),
+        "stage": step.stage.value,
+        "percentage": step.percentage,
+        "message": step.message,
         "timestamp": now_iso(),
     }
 
 
 def final_message(state: SessionState, result: Any = None) -> dict[str, Any] | None:
     """The task's final message (``complete`` or ``error``), or None while it runs."""
-    task_id = state.claim.task_id if state.claim is not None else None
     if state.failure is not None:  # finalize refused the file (e.g. 415)
-        err = state.failure["error"]
-        return error_message(task_id, err["code"], err["message"], err.get("detected_type", ""))
+        refused = ChunkdError.from_record(state.failure)
+        detail = ", ".join(str(v) for v in refused.details.values())  # e.g. the detected type
+        return error_message(state.task_id, refused.code, refused.message, detail)
     task = state.task
-    if task is None or task.get("stage") not in FINAL_STAGES:
+    if task is None or not task.stage.is_final:
         return None
-    if task["stage"] == "failed":
-        err = task.get("error") or {}
-        return error_message(
-            task["task_id"],
-            err.get("error_code", "handoff_failed"),
-            err.get("user_message", "processing failed"),
-            err.get("technical_detail", ""),
-        )
-    msg = _progress(task["task_id"], task)
+    if state.error is not None:
+        err = task.error or {}
+        return error_message(task.task_id, state.error["code"], state.error["message"],
+                             err.get("technical_detail", ""))
+    msg = _progress(task.task_id, Step(task.stage, task.percentage, task.message, 0.0))
     if result is not None:
         msg["result"] = result
-    if "location" in task:
-        msg["location"] = task["location"]
+    if task.location is not None:
+        msg["location"] = task.location
     return msg
 
 
@@ -115,14 +116,16 @@ def task_messages(state: SessionState, since: int | None, result: Any = None
     skipped, however fast they follow each other. Returns the messages and the new position.
     """
     final = final_message(state, result)
-    task = state.task or {}
-    history = task.get("history", [])
+    task = state.task
+    if task is None:
+        return ([final] if final is not None else []), 0
+    history = task.history
     if since is None:
         if final is not None:
             return [final], len(history)
-        return ([_progress(task["task_id"], history[-1])] if history else []), len(history)
-    msgs = [_progress(task["task_id"], step) for step in history[since:]
-            if step.get("stage") not in FINAL_STAGES]
+        return ([_progress(task.task_id, history[-1])] if history else []), len(history)
+    msgs = [_progress(task.task_id, step) for step in history[since:]
+            if not step.stage.is_final]
     if final is not None:
         msgs.append(final)
     return msgs, len(history)
@@ -220,11 +223,11 @@ class ProgressHub:
                 watch.poke.clear()
                 try:
                     state = await self.store.state(sid)
-                except (NotFound, Gone) as exc:
+                except ChunkdError as exc:  # unknown, or gone meanwhile
                     self._broadcast_end(watch, exc)
                     return
                 result = None
-                if state.task is not None and state.task.get("has_result"):
+                if state.task is not None and state.task.has_result:
                     result = await self.store.read_result(sid)
                 self._round(watch, state, result)
                 if not watch.subscribers:
@@ -262,7 +265,7 @@ class ProgressHub:
                 self._end(watch, sub, Close(CLOSE_NORMAL, "done"))
 
     def _broadcast_end(self, watch: _Watch, exc: ChunkdError) -> None:
-        code = CLOSE_SESSION_GONE if isinstance(exc, Gone) else CLOSE_UNKNOWN_SESSION
+        code = close_code_for(exc)
         for sub in list(watch.subscribers):
             self._send(watch, sub, error_message(None, exc.code, exc.message))
             self._end(watch, sub, Close(code, exc.message))

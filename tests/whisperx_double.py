@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 STEPS = [("queued", 0), ("transcribing", 10), ("aligning", 40), ("diarizing", 60), ("complete", 100)]
 ALLOWED = {".wav", ".mp3", ".m4a", ".aac", ".ogg", ".flac", ".webm", ".mp4", ".mkv", ".oga"}
@@ -88,7 +88,8 @@ class WhisperXDouble:
             )
         reader = await request.multipart()
         part = await reader.next()
-        if part is None or part.name != "file":
+        # a nested multipart (MultipartReader) is no file field either
+        if not isinstance(part, BodyPartReader) or part.name != "file":
             return web.json_response(
                 {"detail": [{"loc": ["body", "file"], "msg": "Field required", "type": "missing"}]},
                 status=422,

@@ -7,13 +7,13 @@ requests are answered here; other answers get the ``Access-Control-*`` headers t
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization"
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def cors_middleware(origins: frozenset[str]) -> web.Middleware:
+def cors_middleware(origins: frozenset[str]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")

@@ -8,27 +8,32 @@ from http import HTTPStatus
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
-from chunkd.errors import ChunkdError
+from chunkd import errors as E
+from chunkd.errors import ChunkdError, ErrorCode
 
 log = logging.getLogger("chunkd")
 
 #: aiohttp's own HTTP errors (unknown route, wrong method, body over client_max_size, ...).
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-}
+_HTTP_CODES = {e.status: e for e in (E.BAD_REQUEST, E.NOT_FOUND, E.METHOD_NOT_ALLOWED,
+                                     E.TOO_LARGE)}
 
 
-def error_response(status: int, code: str, message: str, **details: object) -> web.Response:
-    body = {"error": {"code": code, "message": message, **details}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+def error_response(exc: ChunkdError) -> web.Response:
+    """The JSON API's rendering of an error: its status, ``{"error": {code, message, ...}}``."""
+    return web.Response(status=exc.status, body=orjson.dumps(exc.to_json()),
+                        content_type="application/json")
+
+
+def _aiohttp_error(status: int, message: str) -> ChunkdError:
+    entry = _HTTP_CODES.get(status)
+    if entry is None:
+        return ChunkdError(E.HTTP_ERROR.code, status, message, {})
+    return entry.saying(message)
 
 
 @web.middleware
@@ -38,42 +43,35 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ChunkdError as exc:
         if exc.status >= 500 and exc.status != 507:
             log.error("%s %s: %s", request.method, request.path, exc.message)
-        return web.Response(
-            status=exc.status, body=orjson.dumps(exc.to_json()), content_type="application/json"
-        )
+        return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        resp = error_response(exc.status, code, exc.reason)
+        resp = error_response(_aiohttp_error(exc.status, exc.reason))
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except (HttpProcessingError, RequestPayloadError) as exc:
         # The body could not be decoded (bad Content-Encoding, broken chunked framing, ...).
         log.info("%s %s: unreadable body (%s)", request.method, request.path, exc)
-        resp = error_response(400, "invalid_body", "the request body could not be read")
+        resp = error_response(E.INVALID_BODY())
         resp.force_close()  # the rest of the stream is unusable: tell the client not to reuse it
         return resp
     except OSError as exc:
         if isinstance(exc, ConnectionError):
             # The client went away mid-body; nothing was counted and nobody is left to answer.
             log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
-            return error_response(400, "client_disconnected", "the connection was closed")
+            return error_response(E.CLIENT_DISCONNECTED())
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             log.warning("%s %s: out of file descriptors", request.method, request.path)
-            resp = error_response(503, "server_busy", "the server is busy; retry in a moment")
+            resp = error_response(E.SERVER_BUSY())
             resp.headers["Retry-After"] = "5"
             return resp
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, "internal_error", "an internal error occurred")
-    except ConnectionError as exc:
-        # The client went away mid-body; nothing was counted and nobody is left to answer.
-        log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
-        return error_response(400, "client_disconnected", "the connection was closed")
+        return error_response(E.INTERNAL_ERROR())
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, "internal_error", "an internal error occurred")
+        return error_response(E.INTERNAL_ERROR())
 
 
 class _JsonErrorRequestHandler(RequestHandler):
@@ -89,13 +87,13 @@ class _JsonErrorRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; raises if already answering
         if status >= 500:
-            resp = error_response(status, "internal_error", "an internal error occurred")
+            resp = error_response(E.INTERNAL_ERROR())
         else:
             phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-            resp = error_response(
-                status, _HTTP_CODES.get(status, "bad_request"),
-                f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})",
-            )
+            entry: ErrorCode = _HTTP_CODES.get(status, E.BAD_REQUEST)
+            err = entry.saying(
+                f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})")
+            resp = error_response(ChunkdError(err.code, status, err.message, {}))
         resp.force_close()
         return resp
 

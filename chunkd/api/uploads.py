@@ -1,9 +1,8 @@
-"""HTTP handlers for the chunked-upload contract. They only translate HTTP to store calls."""
+"""HTTP handlers for the chunked-upload contract: they parse, call a use case or the store, and
+shape JSON. Decisions live in :mod:`chunkd.core`."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import logging
 import re
 import time
@@ -14,10 +13,12 @@ import orjson
 from aiohttp import web
 
 from chunkd import __version__
-from chunkd.errors import BadRequest, Conflict, Gone, InvalidField, TooLarge, UnsupportedMediaType
-from chunkd.finalize import finalize
+from chunkd import errors as E
+from chunkd.api.body import RequestBody
+from chunkd.core import uploads
+from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.keys import CONFIG, HUB, RUNNER, STORE
-from chunkd.store.base import Phase, SessionState
+from chunkd.model.session import Phase, SessionState
 from chunkd.validate import check_new_session
 
 _CHECKSUM = re.compile(r"sha256=([0-9a-fA-F]{64})")
@@ -37,8 +38,7 @@ def json_response(doc: dict[str, Any], status: int = 200) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """For load balancers and Cloudflare health checks: the data folder is there and writable."""
-    store = request.app[STORE]
-    ok = await asyncio.to_thread(os.access, store.sessions_dir, os.W_OK)
+    ok = await request.app[STORE].healthy()
     return json_response({"status": "ok" if ok else "data_dir_not_writable",
                           "version": __version__}, status=200 if ok else 503)
 
@@ -47,16 +47,15 @@ async def healthz(request: web.Request) -> web.Response:
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if request.content_type not in ("application/json", "application/octet-stream"):
-        raise UnsupportedMediaType(
-            "send the session as application/json", code="unsupported_content_type"
-        )
+        raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/json")
     raw = await request.read()  # bounded by client_max_size (1 MiB): 413 beyond it
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    fields = check_new_session(doc, config)
-    meta = await request.app[STORE].create(ttl=config.session_ttl, **fields)
+        raise E.INVALID_JSON.saying(f"the body is not valid JSON: {exc}") from None
+    store = request.app[STORE]
+    fields = check_new_session(doc, config, store.limits)
+    meta = await store.create(ttl=config.session_ttl, **fields)
     return json_response(
         {
             "session_id": meta.session_id,
@@ -74,15 +73,13 @@ async def create_session(request: web.Request) -> web.Response:
 def _chunk_index(request: web.Request, total_chunks: int) -> int:
     text = request.query.get("index")
     if text is None:
-        raise BadRequest("the query parameter index is required", code="missing_index")
+        raise E.MISSING_INDEX()
     if not re.fullmatch(r"[0-9]{1,9}", text):
-        raise BadRequest("index must be a non-negative integer", code="invalid_index")
+        raise E.INVALID_INDEX()
     index = int(text)
     if index >= total_chunks:
-        raise InvalidField(
-            f"index must be between 0 and {total_chunks - 1}",
-            code="index_out_of_range", field="index", total_chunks=total_chunks,
-        )
+        raise E.INDEX_OUT_OF_RANGE(field="index", last_index=total_chunks - 1,
+                                   total_chunks=total_chunks)
     return index
 
 
@@ -92,9 +89,7 @@ def _checksum(request: web.Request) -> str | None:
         return None
     m = _CHECKSUM.fullmatch(header.strip())
     if not m:
-        raise BadRequest(
-            "X-Chunk-Checksum must be sha256=<64 hex digits>", code="invalid_checksum_header"
-        )
+        raise E.INVALID_CHECKSUM_HEADER()
     return m.group(1).lower()
 
 
@@ -104,29 +99,20 @@ async def put_chunk(request: web.Request) -> web.Response:
     meta = await store.get(request.match_info["session_id"])
     index = _chunk_index(request, meta.total_chunks)
     if request.content_type != "application/octet-stream":
-        raise UnsupportedMediaType(
-            "send chunk bodies as application/octet-stream", code="unsupported_content_type"
-        )
+        raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/octet-stream")
     expected = meta.chunk_length(index)
     # With a Content-Encoding, Content-Length counts the encoded bytes: only the decoded body
     # can be checked (the store counts it).
     encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
     declared = None if encoded else request.content_length
     if declared is not None and declared > expected:
-        raise TooLarge(
-            f"chunk {index} must be {expected} bytes, Content-Length says {declared}",
-            code="chunk_too_long", expected_bytes=expected,
-        )
+        raise E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=expected)
     if declared is not None and declared < expected:
-        raise BadRequest(
-            f"chunk {index} must be {expected} bytes, Content-Length says {declared}",
-            code="chunk_incomplete", expected_bytes=expected, received_bytes=declared,
-        )
+        raise E.CHUNK_INCOMPLETE(chunk_index=index, expected_bytes=expected,
+                                 received_bytes=declared)
     sha256 = _checksum(request)
-    receipt = await store.put_chunk(
-        meta, index, request.content.iter_any(), sha256=sha256,
-        idle_timeout=request.app[CONFIG].body_timeout,
-    )
+    body = RequestBody(request, request.app[CONFIG].body_timeout)
+    receipt = await uploads.receive_chunk(store, meta, index, body, sha256)
     request.app[HUB].poke(meta.session_id)
     done = receipt.received == meta.total_chunks
     return json_response(
@@ -135,7 +121,7 @@ async def put_chunk(request: web.Request) -> web.Response:
             "chunk_index": index,
             "received_chunks": receipt.received,
             "total_chunks": meta.total_chunks,
-            "status": (Phase.COMPLETE if done else Phase.UPLOADING).value,
+            "status": (Phase.RECEIVED if done else Phase.UPLOADING).value,
             "already_received": receipt.already_received,
         }
     )
@@ -156,12 +142,12 @@ def status_document(state: SessionState) -> dict[str, Any]:
         "created_at": iso(meta.created_at),
         "expires_at": iso(meta.expires_at),
     }
-    if state.claim is not None and state.claim.task_id:
-        doc["task_id"] = state.claim.task_id
+    if state.task_id:
+        doc["task_id"] = state.task_id
     if state.task is not None:
-        doc["task"] = {k: v for k, v in state.task.items() if k != "history"}
-    if state.failure is not None:
-        doc["error"] = state.failure["error"]
+        doc["task"] = {k: v for k, v in state.task.to_json().items() if k != "history"}
+    if state.error is not None:
+        doc["error"] = state.error
     return doc
 
 
@@ -175,40 +161,32 @@ async def get_status(request: web.Request) -> web.Response:
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     started = time.perf_counter()
-    task = await finalize(request.app[STORE], request.app[RUNNER], sid)
-    log.info("finalize %s: task %s, %s, in %.1f ms", sid, task["task_id"], task.get("stage"),
-             (time.perf_counter() - started) * 1000)
+    outcome = await finalize(request.app[STORE], request.app[RUNNER], sid)
     request.app[HUB].poke(sid)
-    if task.get("stage") == "finalizing":  # another request (or process) is still at it
+    if isinstance(outcome, StillFinalizing):  # another request (or process) is still at it
+        log.info("finalize %s: task %s still being checked", sid, outcome.task_id)
         return json_response({
-            "session_id": sid, "task_id": task["task_id"], "status": Phase.FINALIZING.value,
+            "session_id": sid, "task_id": outcome.task_id, "status": Phase.FINALIZING.value,
             "message": "The file is still being checked; ask again (same task id)",
         }, status=202)
+    task = outcome.task
+    log.info("finalize %s: task %s, %s, in %.1f ms", sid, task.task_id, task.stage,
+             (time.perf_counter() - started) * 1000)
     doc = {
         "session_id": sid,
-        "task_id": task["task_id"],
+        "task_id": task.task_id,
         "status": Phase.PROCESSING.value,
         "message": "File received and handed off for processing",
     }
-    if "location" in task:
-        doc["location"] = task["location"]
+    if task.location is not None:
+        doc["location"] = task.location
     return json_response(doc)
 
 
 @routes.delete("/upload/chunked/{session_id}/abort")
 async def abort_session(request: web.Request) -> web.Response:
-    store = request.app[STORE]
     sid = request.match_info["session_id"]
-    state = await store.state(sid)
-    claim = await store.claim_end(sid, "abort")
-    if not claim.won and claim.kind == "finalize" and state.failure is None:
-        raise Conflict(
-            "this upload session is already finalized and cannot be aborted",
-            code="session_finalized", task_id=claim.task_id,
-        )
-    if not claim.won and claim.kind != "finalize":
-        raise Gone("this upload session was already aborted", code="session_aborted")
-    await store.remove(sid, "abort")
+    await uploads.abort(request.app[STORE], sid)
     request.app[HUB].poke(sid)
     return json_response(
         {"session_id": sid, "status": "aborted", "message": "Upload cancelled, chunks deleted"}

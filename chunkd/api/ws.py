@@ -9,15 +9,9 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from chunkd.errors import ChunkdError, Gone
+from chunkd.errors import ChunkdError
 from chunkd.keys import CONFIG, HUB
-from chunkd.progress import (
-    CLOSE_SESSION_GONE,
-    CLOSE_UNKNOWN_SESSION,
-    Close,
-    Subscriber,
-    now_iso,
-)
+from chunkd.progress import Close, Subscriber, close_code_for, now_iso
 
 routes = web.RouteTableDef()
 
@@ -35,8 +29,7 @@ async def task_socket(request: web.Request) -> web.WebSocketResponse:
     try:
         sub = await hub.subscribe(request.match_info["id"])
     except ChunkdError as exc:
-        code = CLOSE_SESSION_GONE if isinstance(exc, Gone) else CLOSE_UNKNOWN_SESSION
-        await ws.close(code=code, message=f"{exc.code}: {exc.message}".encode()[:120])
+        await ws.close(code=close_code_for(exc), message=f"{exc.code}: {exc.message}".encode()[:120])
         return ws
     sender = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval))
     try:
@@ -62,7 +55,7 @@ async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float) ->
         while not ws.closed:
             try:
                 item = await asyncio.wait_for(sub.queue.get(), heartbeat)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await _send(ws, {"type": "heartbeat", "timestamp": now_iso()})
                 continue
             if isinstance(item, Close):

@@ -19,9 +19,10 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -30,6 +31,8 @@ import orjson
 RETRY_CODES = {"checksum_mismatch", "chunk_incomplete", "client_disconnected", "shutting_down",
                "chunk_busy", "body_timeout", "server_busy"}
 PIECE = 1024 * 1024
+
+_T = TypeVar("_T")
 
 
 class ChunkdClientError(Exception):
@@ -152,7 +155,7 @@ class ChunkdClient:
             async with self.http.request(method, self.base_url + path, **kwargs) as resp:
                 body = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ChunkdClientError(0, "connection_error",
                                     f"cannot reach {self.base_url}: {exc or type(exc).__name__}"
                                     ) from None
@@ -219,8 +222,8 @@ class ChunkdClient:
 
     # -- whole uploads ---------------------------------------------------------------------
 
-    async def _with_retries(self, call: Callable[[], Any], on_retry: Callable[[], None] | None = None
-                            ) -> Any:
+    async def _with_retries(self, call: Callable[[], Awaitable[_T]],
+                            on_retry: Callable[[], None] | None = None) -> _T:
         for attempt in range(1, self.retries + 1):
             try:
                 return await call()
@@ -247,6 +250,8 @@ class ChunkdClient:
         on_session: Callable[[str], None] | None = None,
     ) -> UploadResult:
         """Upload ``source`` (resuming ``session_id`` if given) and finalize it."""
+        chunk_size: int
+        total_chunks: int
         if session_id is None:
             created = await self._with_retries(lambda: self.create_session(
                 source.name, source.size, language=language, model=model,
@@ -290,7 +295,7 @@ class ChunkdClient:
                 t0 = time.monotonic()
                 try:
                     await self._with_retries(
-                        lambda: self.put_chunk(sid, i, source, i * chunk_size, length(i)),
+                        partial(self.put_chunk, sid, i, source, i * chunk_size, length(i)),
                         count_retry,
                     )
                 except ChunkdClientError as exc:
@@ -348,7 +353,7 @@ class ChunkdClient:
                     raise ChunkdClientError(
                         0, f"ws_{ws.close_code}", f"progress stream closed: {ws.close_code} "
                         f"({meaning.get(ws.close_code or 0, 'unexpected')})")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ChunkdClientError(0, "connection_error",
                                     f"cannot follow progress at {url}: {exc or type(exc).__name__}"
                                     ) from None

@@ -1,10 +1,15 @@
 """Hand-offs: where a finished, valid file goes (see :mod:`chunkd.handoff.base`)."""
 
 from chunkd.config import Config
-from chunkd.handoff.base import STAGES, FinishedUpload, Handoff, HandoffFailed, Job
+from chunkd.handoff.base import Handoff, Job, Outcome
 from chunkd.handoff.command import CommandHandoff
 from chunkd.handoff.folder import FolderHandoff
 from chunkd.handoff.whisperx import WhisperXHandoff
+
+#: Each hand-off's one-time claims by its recorded name (``chunkd retry`` frees them).
+ONCE_CLAIMS: dict[str, tuple[str, ...]] = {
+    h.name: h.once_claims for h in (FolderHandoff, CommandHandoff, WhisperXHandoff)
+}
 
 
 def make_handoff(config: Config) -> Handoff:
@@ -22,9 +27,16 @@ def make_handoff(config: Config) -> Handoff:
     if config.handoff == "command":
         assert config.handoff_command is not None
         return CommandHandoff(config.handoff_command)
-    return FolderHandoff(config.data_dir / "completed")
+    return FolderHandoff(config.completed_dir)
 
 
 __all__ = [
-    "STAGES", "CommandHandoff", "FinishedUpload", "FolderHandoff", "WhisperXHandoff", "Handoff", "HandoffFailed", "Job", "make_handoff",
+    "ONCE_CLAIMS",
+    "CommandHandoff",
+    "FolderHandoff",
+    "Handoff",
+    "Job",
+    "Outcome",
+    "WhisperXHandoff",
+    "make_handoff",
 ]

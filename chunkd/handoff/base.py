@@ -1,63 +1,63 @@
 """The hand-off seam: what happens to a file once it is whole and valid.
 
-A hand-off gets a :class:`Job`: the finished upload (task id, path, MIME type, session metadata),
-the task's persisted state, and three ways to touch that state:
+A hand-off gets a :class:`Job`: the task id, the session's metadata, the MIME type libmagic
+found, the finished file as a :class:`~chunkd.store.base.Blob` (None if a crashed earlier try
+already moved it), what this hand-off remembered on an earlier try, and three ways to touch the
+task (all through the runner's journal, the task's one writer):
 
-- ``report(stage, percentage, message)``: a progress step, relayed to WebSocket subscribers;
+- ``report(stage, percentage, message)``: a progress step, relayed to WebSocket subscribers
+  (a final or unknown stage is shown as ``transcribing``: the runner says ``complete``);
 - ``remember(**fields)``: persist something needed after a restart (e.g. the service's id);
 - ``claim_once(name)``: an atomic, one-time claim (e.g. "submit") so that nothing is ever
-  submitted twice, whatever restarts and races happen.
+  submitted twice, whatever restarts and races happen. A hand-off lists its names in
+  ``once_claims``; ``chunkd retry`` frees them.
 
-``run(job)`` returns the final record's extra fields (``result``, ``location``, ...) or raises
-:class:`HandoffFailed` with a code and the user-facing message. It must be safe to call again
-for the same task after a crash: look at ``job.state`` to resume instead of starting over.
+``run(job)`` returns an :class:`Outcome` or raises :class:`~chunkd.errors.HandoffFailed`. It must
+be safe to call again for the same task after a crash: look at ``job.remembered`` to resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from chunkd.store.base import SessionMeta
+from chunkd.model.session import SessionMeta
+from chunkd.store.base import Blob
 
-#: The stages the WhisperX frontend knows, in order.
-STAGES = ("queued", "transcribing", "aligning", "diarizing", "complete")
+
+class Journal(Protocol):
+    async def report(self, stage: str, percentage: int, message: str) -> None: ...
+    async def remember(self, **fields: Any) -> None: ...
+    async def claim_once(self, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
-class FinishedUpload:
-    task_id: str
-    path: Path       # the whole file; a hand-off may move it (same file system: rename)
-    mime_type: str   # what libmagic found
-    meta: SessionMeta
-
-
-class HandoffFailed(Exception):
-    """The hand-off gave up: ``code`` is stable, ``user_message`` is for people."""
-
-    def __init__(self, code: str, user_message: str, technical_detail: str = "") -> None:
-        super().__init__(f"{code}: {user_message}")
-        self.code = code
-        self.user_message = user_message
-        self.technical_detail = technical_detail
-
-    def to_json(self) -> dict[str, str]:
-        return {
-            "error_code": self.code,
-            "user_message": self.user_message,
-            "technical_detail": self.technical_detail,
-        }
-
-
-@dataclass
 class Job:
-    upload: FinishedUpload
-    state: dict[str, Any]
-    report: Callable[[str, int, str], Awaitable[None]]
-    remember: Callable[..., Awaitable[None]]
-    claim_once: Callable[[str], Awaitable[bool]]
+    task_id: str
+    meta: SessionMeta
+    mime_type: str
+    blob: Blob | None
+    remembered: Mapping[str, Any]
+    journal: Journal
+
+    async def report(self, stage: str, percentage: int, message: str) -> None:
+        await self.journal.report(stage, percentage, message)
+
+    async def remember(self, **fields: Any) -> None:
+        await self.journal.remember(**fields)
+
+    async def claim_once(self, name: str) -> bool:
+        return await self.journal.claim_once(name)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished hand-off tells the task (and its subscribers)."""
+
+    message: str = "Done"
+    result: Any = None          # e.g. the transcript; kept beside the task, sent at the end
+    location: str | None = None  # where the file went, for a hand-off that keeps it locally
 
 
 class Handoff(Protocol):
@@ -65,7 +65,9 @@ class Handoff(Protocol):
     name: str
     #: True when ``run`` finishes at once (finalize then waits for it and answers with the result).
     inline: bool
+    #: The names this hand-off claims with ``job.claim_once`` (freed by ``chunkd retry``).
+    once_claims: tuple[str, ...]
 
-    async def run(self, job: Job) -> dict[str, Any]:
-        """Take the file; return the final record's extra fields or raise HandoffFailed."""
+    async def run(self, job: Job) -> Outcome:
+        """Take the file; return the outcome or raise HandoffFailed."""
         ...

@@ -21,26 +21,28 @@ from typing import Any
 
 import orjson
 
-from chunkd.handoff.base import STAGES, HandoffFailed, Job
+from chunkd import errors as E
+from chunkd.handoff.base import Job, Outcome
 
 
 class CommandHandoff:
     name = "command"
     inline = False
+    once_claims: tuple[str, ...] = ("run",)
 
     def __init__(self, command: str) -> None:
         self.argv = shlex.split(command)
 
-    async def run(self, job: Job) -> dict[str, Any]:
+    async def run(self, job: Job) -> Outcome:
         if not await job.claim_once("run"):
-            raise HandoffFailed(
-                "interrupted",
-                "chunkd stopped while the command was running; `chunkd retry <task_id>` runs it again",
-            )
-        meta = job.upload.meta
+            raise E.COMMAND_INTERRUPTED.handoff()
+        path = job.blob.local_path() if job.blob is not None else None
+        if path is None:
+            raise E.PROCESSING_FAILED.handoff("the command hand-off needs the file on a local disk")
+        meta = job.meta
         env = {
             **os.environ,
-            "CHUNKD_TASK_ID": job.upload.task_id,
+            "CHUNKD_TASK_ID": job.task_id,
             "CHUNKD_SESSION_ID": meta.session_id,
             "CHUNKD_FILENAME": meta.filename,
             "CHUNKD_LANGUAGE": meta.language or "",
@@ -49,11 +51,11 @@ class CommandHandoff:
         }
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv, str(job.upload.path), env=env, stdin=asyncio.subprocess.DEVNULL,
+                *self.argv, str(path), env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
-            raise HandoffFailed("command_not_runnable", f"cannot run {self.argv[0]}", repr(exc)) from None
+            raise E.COMMAND_NOT_RUNNABLE.handoff(repr(exc), program=self.argv[0]) from None
         assert proc.stdout is not None and proc.stderr is not None
         stderr_task = asyncio.create_task(proc.stderr.read())
         result: Any = None
@@ -68,11 +70,9 @@ class CommandHandoff:
                 if "result" in doc:
                     result = doc["result"]
                 if "stage" in doc:
-                    stage = str(doc["stage"])
-                    if stage == "complete" or stage not in STAGES:
-                        stage = "transcribing"  # "complete" is said once, at exit 0
                     pct = doc.get("percentage", 0)
-                    await job.report(stage, int(pct) if isinstance(pct, (int, float)) else 0,
+                    await job.report(str(doc["stage"]),
+                                     int(pct) if isinstance(pct, (int, float)) else 0,
                                      str(doc.get("message", "")))
             code = await proc.wait()
         finally:
@@ -82,7 +82,6 @@ class CommandHandoff:
                 await proc.wait()
         stderr = (await stderr_task)[-2000:].decode("utf-8", "replace")
         if code != 0:
-            raise HandoffFailed(
-                "command_failed", f"{os.path.basename(self.argv[0])} exited with status {code}", stderr
-            )
-        return {"result": result} if result is not None else {}
+            raise E.COMMAND_FAILED.handoff(stderr, program=os.path.basename(self.argv[0]),
+                                           status=code)
+        return Outcome(result=result)

@@ -24,21 +24,22 @@ the file went out might have been accepted, so it is reported instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
 import aiohttp
 import orjson
 
-from chunkd.handoff.base import STAGES, HandoffFailed, Job
-
-#: A progress_stage from the service that the frontend does not know is shown as transcribing.
-_KNOWN_STAGES = set(STAGES)
+from chunkd import errors as E
+from chunkd.errors import HandoffFailed
+from chunkd.handoff.base import Job, Outcome
+from chunkd.store.base import Blob
 
 
 def query_params(job: Job) -> dict[str, str]:
     """The session's language, model and task_params as query parameters."""
-    meta = job.upload.meta
+    meta = job.meta
     params: dict[str, Any] = {}
     if meta.language:
         params["language"] = meta.language
@@ -58,16 +59,28 @@ def query_params(job: Job) -> dict[str, str]:
     return out
 
 
-def service_error(status: int, body: bytes) -> tuple[str, str, str]:
-    """(code, user message, technical detail) from the service's error reply."""
+def _file_field(blob: Blob, files: contextlib.ExitStack) -> Any:
+    """The file for the multipart body, streamed so memory stays flat. A local file goes as a
+    file object (aiohttp reads it in 64 KiB pieces and sends a Content-Length); a blob without a
+    local path is streamed with chunked transfer encoding."""
+    path = blob.local_path()
+    if path is not None:
+        return files.enter_context(open(path, "rb"))
+    return blob.stream()
+
+
+def service_error(status: int, body: bytes) -> HandoffFailed:
+    """The service's error reply as a failure, with the code and message the service chose."""
     detail = body[:2000].decode("utf-8", "replace")
+    answered = E.SERVICE_REFUSED.handoff(detail, status=status)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return f"http_{status}", f"The transcription service answered {status}", detail
+        return E.SERVICE_REFUSED.forward(f"http_{status}", answered.message, detail)
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         err = doc["error"]
-        return str(err.get("code") or f"http_{status}"), str(err.get("message") or detail), detail
+        return E.SERVICE_REFUSED.forward(str(err.get("code") or f"http_{status}"),
+                                         str(err.get("message") or detail), detail)
     if isinstance(doc, dict) and "detail" in doc:
         d = doc["detail"]
         if isinstance(d, list):  # FastAPI validation: [{"loc": [...], "msg": "..."}]
@@ -75,14 +88,15 @@ def service_error(status: int, body: bytes) -> tuple[str, str, str]:
                 f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}"
                 for e in d if isinstance(e, dict)
             )
-            return "validation_error", msg or detail, detail
-        return f"http_{status}", str(d), detail
-    return f"http_{status}", f"The transcription service answered {status}", detail
+            return E.SERVICE_REFUSED.forward("validation_error", msg or detail, detail)
+        return E.SERVICE_REFUSED.forward(f"http_{status}", str(d), detail)
+    return E.SERVICE_REFUSED.forward(f"http_{status}", answered.message, detail)
 
 
 class WhisperXHandoff:
     name = "whisperx"
     inline = False
+    once_claims: tuple[str, ...] = ("submit",)
 
     def __init__(
         self,
@@ -104,16 +118,12 @@ class WhisperXHandoff:
     def _backoff(self, attempt: int) -> float:
         return self.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
 
-    async def run(self, job: Job) -> dict[str, Any]:
+    async def run(self, job: Job) -> Outcome:
         async with aiohttp.ClientSession(headers=self.headers) as http:
-            identifier = job.state.get("identifier")
+            identifier = job.remembered.get("identifier")
             if identifier is None:
                 if not await job.claim_once("submit"):
-                    raise HandoffFailed(
-                        "submission_interrupted",
-                        "chunkd stopped while sending this file to the transcription service, "
-                        "so it may or may not have it; `chunkd retry <task_id>` sends it again",
-                    )
+                    raise E.SUBMISSION_INTERRUPTED.handoff()
                 await job.report("queued", 0, "Sending the file to the transcription service")
                 identifier = await self._submit(http, job)
                 await job.remember(identifier=identifier)
@@ -124,13 +134,14 @@ class WhisperXHandoff:
         url = f"{self.base_url}/speech-to-text"
         params = query_params(job)
         last = ""
+        if job.blob is None:
+            raise E.PROCESSING_FAILED.handoff("the finished file is gone")
         for attempt in range(1, self.retries + 1):
             try:
-                with open(job.upload.path, "rb") as f:
+                with contextlib.ExitStack() as files:
                     form = aiohttp.FormData()
-                    # aiohttp streams a file object in 64 KiB reads: memory stays flat.
-                    form.add_field("file", f, filename=job.upload.meta.filename,
-                                   content_type=job.upload.mime_type or "application/octet-stream")
+                    form.add_field("file", _file_field(job.blob, files), filename=job.meta.filename,
+                                   content_type=job.mime_type or "application/octet-stream")
                     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30,
                                                     sock_read=self.submit_timeout)
                     async with http.post(url, params=params, data=form, timeout=timeout) as resp:
@@ -138,40 +149,26 @@ class WhisperXHandoff:
                         status = resp.status
             except aiohttp.ClientConnectorError as exc:
                 last = f"cannot reach {self.base_url}: {exc}"
-            except asyncio.TimeoutError:
-                raise HandoffFailed(
-                    "service_timeout",
-                    f"The transcription service did not answer within {self.submit_timeout:g} s; "
-                    "it may still be working on the file. `chunkd retry <task_id>` sends it again",
-                ) from None
+            except TimeoutError:
+                raise E.SERVICE_TIMEOUT.handoff(seconds=self.submit_timeout) from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise HandoffFailed(
-                    "service_disconnected",
-                    "The connection to the transcription service broke while it had the file",
-                    repr(exc),
-                ) from None
+                raise E.SERVICE_DISCONNECTED.handoff(repr(exc)) from None
             else:
                 if 200 <= status < 300:
                     try:
                         return str(orjson.loads(body)["identifier"])
                     except (orjson.JSONDecodeError, KeyError, TypeError):
-                        raise HandoffFailed(
-                            "bad_service_reply", "The transcription service's reply had no "
-                            "task identifier", body[:2000].decode("utf-8", "replace"),
-                        ) from None
-                code, message, detail = service_error(status, body)
+                        raise E.BAD_SERVICE_REPLY.handoff(
+                            body[:2000].decode("utf-8", "replace")) from None
+                refused = service_error(status, body)
                 if status < 500 and status != 429:
-                    raise HandoffFailed(code, message, detail)  # it will not get better
-                last = f"{status} {code}: {message}"
+                    raise refused  # it will not get better
+                last = f"{status} {refused.code}: {refused.message}"
             if attempt < self.retries:
                 await asyncio.sleep(self._backoff(attempt))
-        raise HandoffFailed(
-            "service_unavailable",
-            f"The transcription service did not take the file after {self.retries} tries",
-            last,
-        )
+        raise E.SERVICE_UNAVAILABLE.handoff(last, tries=self.retries)
 
-    async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str) -> dict[str, Any]:
+    async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str) -> Outcome:
         failures = 0
         has_progress = True
         timeout = aiohttp.ClientTimeout(total=60)
@@ -185,17 +182,15 @@ class WhisperXHandoff:
                         resp.request_info, (), status=status, message=body[:500].decode("utf-8", "replace")
                     )
                 if status != 200:
-                    code, message, detail = service_error(status, body)
-                    raise HandoffFailed(code, message, detail)
+                    raise service_error(status, body)
                 doc = orjson.loads(body)
                 state = doc.get("status")
                 if state == "completed":
-                    return {"result": doc.get("result"), "identifier": identifier,
-                            "message": "Transcription complete"}
+                    return Outcome(message="Transcription complete", result=doc.get("result"))
                 if state == "failed":
                     error = doc.get("error") or "The transcription failed"
-                    raise HandoffFailed("transcription_failed", str(error),
-                                        body[:2000].decode("utf-8", "replace"))
+                    raise E.TRANSCRIPTION_FAILED.handoff(
+                        body[:2000].decode("utf-8", "replace"), reason=str(error))
                 stage, pct = ("queued", 0) if state in ("queued", "pending") else ("transcribing", 10)
                 if has_progress and state not in ("queued", "pending"):
                     found = await self._progress(http, identifier, timeout)
@@ -205,14 +200,10 @@ class WhisperXHandoff:
                         stage, pct = found
                 await job.report(stage, pct, f"{stage.capitalize()}")
                 failures = 0
-            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+            except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
                 failures += 1
                 if failures >= self.retries:
-                    raise HandoffFailed(
-                        "service_unreachable",
-                        f"Lost contact with the transcription service after {failures} tries",
-                        repr(exc),
-                    ) from None
+                    raise E.SERVICE_UNREACHABLE.handoff(repr(exc), tries=failures) from None
                 await asyncio.sleep(self._backoff(failures))
                 continue
             await asyncio.sleep(self.poll_interval)
@@ -227,7 +218,6 @@ class WhisperXHandoff:
             if resp.status != 200:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
             doc = await resp.json(loads=orjson.loads)
-        stage = doc.get("progress_stage") or "transcribing"
-        if stage not in _KNOWN_STAGES or stage == "complete":
-            stage = "transcribing"  # "complete" is said once, with the result
-        return stage, int(doc.get("progress_percentage") or 0)
+        # An unknown or final stage is shown as transcribing by the journal ("complete" is said
+        # once, with the result).
+        return str(doc.get("progress_stage") or "transcribing"), int(doc.get("progress_percentage") or 0)

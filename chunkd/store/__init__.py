@@ -1,15 +1,28 @@
-"""Session stores: the :class:`SessionStore` protocol and its file-system implementation."""
+"""Session stores: the protocols (:mod:`chunkd.store.base`) and the file-system store."""
 
-from chunkd.store.base import ChunkReceipt, Claim, Phase, SessionMeta, SessionState, SessionStore
-from chunkd.store.filesystem import FileSystemStore, is_session_id
+from chunkd.store.base import (
+    LEASE_STALE_SECONDS,
+    Blob,
+    ChunkSlot,
+    Lease,
+    LeaseLost,
+    Movable,
+    RangeWriter,
+    SessionStore,
+    StoreLimits,
+)
+from chunkd.store.fs import FileSystemStore, is_session_id
 
 __all__ = [
-    "ChunkReceipt",
-    "Claim",
+    "LEASE_STALE_SECONDS",
+    "Blob",
+    "ChunkSlot",
     "FileSystemStore",
-    "Phase",
-    "SessionMeta",
-    "SessionState",
+    "Lease",
+    "LeaseLost",
+    "Movable",
+    "RangeWriter",
     "SessionStore",
+    "StoreLimits",
     "is_session_id",
 ]

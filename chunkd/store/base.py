@@ -1,206 +1,258 @@
-"""What a session store is: the data it hands out and the :class:`SessionStore` protocol.
+"""What a session store is: small protocols, each one idea, composed into :class:`SessionStore`.
 
-A store keeps upload sessions: their creation-time metadata, the bytes received so far (one file
-per session), which chunks are counted, and the one-time end of a session (finalize, abort or
-expiry). Everything a caller sees is derived from the store's durable state, so it is right after
-a restart and when several chunkd processes share one store.
+    Sessions     create / get / state / resolve / scan / remove / purge / healthy, and its limits
+    Chunks       the chunk ledger: open_chunk(meta, index) -> ChunkSlot (one writer per chunk;
+                 counted only when whole and durable) with a RangeWriter for the bytes
+    Ends         claim_end: the session's one-time end (finalize | abort | expire)
+    Leases       acquire / renew / release an opaque Lease: one driver per task
+    OnceClaims   claim_once / release_once: a hand-off's never-twice steps ("submit", "run")
+    TaskRecords  write_task / write_result (under a lease), read_result, record_failure
+    Blobs        blob(sid) -> Blob: the finished file (size, read, stream; local_path / move_to
+                 only where the backend has a file system)
+
+Everything a caller sees is derived from the store's durable state, so it is right after a
+restart (kill -9 or power cut: an answered write is durable) and when several chunkd processes
+share one store. Every method may be called from several processes at once. Nothing above the
+store knows how it lays out its data (see ``chunkd.store.fs`` for the file-system one).
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import AsyncIterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from chunkd.errors import ChunkdError
+from chunkd.model.session import Claim, EndKind, SessionMeta, SessionState
+from chunkd.model.task import Task
+
+#: A lease not renewed for this long belongs to a dead (or hung) process and may be taken over.
+LEASE_STALE_SECONDS = 30.0
 
 
-class Phase(enum.StrEnum):
-    """Where a session is in its life (the ``status`` field of the HTTP replies)."""
-
-    UPLOADING = "uploading"    # chunks still missing
-    COMPLETE = "complete"      # every chunk counted, not finalized yet
-    FINALIZING = "finalizing"  # finalize claimed, validation / hand-off under way
-    PROCESSING = "processing"  # handed off; the pipeline is working on it
-    COMPLETED = "completed"    # the hand-off finished
-    FAILED = "failed"          # finalize refused the file (its bytes are removed)
+class LeaseLost(Exception):
+    """This process no longer drives the task: another one took it over. Stop writing."""
 
 
 @dataclass(frozen=True)
-class SessionMeta:
-    """What was fixed when the session was created. Never changes afterwards."""
+class Lease:
+    """Proof of driving one session's task. Opaque: only the store that issued it reads ``token``."""
 
     session_id: str
-    filename: str
-    extension: str
-    total_size: int
-    chunk_size: int
-    total_chunks: int
-    created_at: float
-    expires_at: float
-    language: str | None = None
-    model: str | None = None
-    task_params: dict[str, Any] = field(default_factory=dict)
-
-    def chunk_offset(self, index: int) -> int:
-        return index * self.chunk_size
-
-    def chunk_length(self, index: int) -> int:
-        """Every chunk is ``chunk_size`` bytes; the last one holds the remainder."""
-        return min(self.chunk_size, self.total_size - index * self.chunk_size)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "filename": self.filename,
-            "extension": self.extension,
-            "total_size": self.total_size,
-            "chunk_size": self.chunk_size,
-            "total_chunks": self.total_chunks,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "language": self.language,
-            "model": self.model,
-            "task_params": self.task_params,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> SessionMeta:
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+    token: str
 
 
 @dataclass(frozen=True)
-class Claim:
-    """The one-time end of a session, claimed atomically by whoever got there first."""
+class StoreLimits:
+    """What the backend can hold; session validation reads these (S3 multipart, for instance,
+    needs parts of at least 5 MiB and at most 10 000 of them)."""
 
-    kind: str          # "finalize" | "abort" | "expire"
-    task_id: str | None
-    claimed_at: float
-    won: bool          # True for the caller that created the claim
-
-
-@dataclass(frozen=True)
-class SessionState:
-    """A snapshot of one session, derived from the store."""
-
-    meta: SessionMeta
-    received: frozenset[int]
-    claim: Claim | None = None
-    task: dict[str, Any] | None = None
-    failure: dict[str, Any] | None = None
-
-    @property
-    def missing(self) -> list[int]:
-        return [i for i in range(self.meta.total_chunks) if i not in self.received]
-
-    @property
-    def received_bytes(self) -> int:
-        return sum(self.meta.chunk_length(i) for i in self.received)
-
-    @property
-    def phase(self) -> Phase:
-        if self.failure is not None:
-            return Phase.FAILED
-        if self.task is not None:
-            return Phase.COMPLETED if self.task.get("stage") == "complete" else Phase.PROCESSING
-        if self.claim is not None and self.claim.kind == "finalize":
-            return Phase.FINALIZING
-        if len(self.received) == self.meta.total_chunks:
-            return Phase.COMPLETE
-        return Phase.UPLOADING
+    min_part_size: int
+    max_parts: int
 
 
-@dataclass(frozen=True)
-class ChunkReceipt:
-    """The result of :meth:`SessionStore.put_chunk`."""
-
-    index: int
-    received: int           # chunks counted after this one
-    already_received: bool  # the chunk had been counted before; the body was read and dropped
-
-
-class SessionStore(Protocol):
-    """A place to keep upload sessions. Every method is safe to call from several processes."""
+class Sessions(Protocol):
+    limits: StoreLimits
+    #: The store's clock (seconds since the epoch): every timestamp it writes comes from it.
+    clock: Callable[[], float]
 
     async def create(
-        self,
-        *,
-        filename: str,
-        extension: str,
-        total_size: int,
-        chunk_size: int,
-        total_chunks: int,
-        ttl: float,
-        language: str | None,
-        model: str | None,
-        task_params: dict[str, Any],
+        self, *, ttl: float, filename: str, extension: str, total_size: int, chunk_size: int,
+        total_chunks: int, language: str | None, model: str | None, task_params: dict[str, Any],
     ) -> SessionMeta:
-        """Create a session and reserve ``total_size`` bytes for it.
+        """Create a session and reserve ``total_size`` bytes for it; durable when it returns.
 
-        Raises :class:`~chunkd.errors.InsufficientStorage` when the bytes cannot be reserved;
-        nothing of the session is left behind then.
+        Raises ``insufficient_storage`` (507) when the bytes cannot be reserved; nothing of the
+        session is left behind then.
         """
         ...
 
     async def get(self, session_id: str) -> SessionMeta:
-        """The session's metadata. Raises ``NotFound`` (unknown or malformed id) or ``Gone``."""
-        ...
-
-    async def resolve(self, any_id: str) -> str:
-        """The session id behind a session id or a task id. Raises ``NotFound`` if malformed."""
+        """The metadata of an open or finalized session. Raises ``session_not_found`` (404,
+        unknown or malformed id) or ``session_expired`` / ``session_aborted`` (410)."""
         ...
 
     async def state(self, session_id: str) -> SessionState:
         """The session's current state, read from the store (same errors as :meth:`get`)."""
         ...
 
-    async def put_chunk(
-        self,
-        meta: SessionMeta,
-        index: int,
-        body: AsyncIterable[bytes],
-        *,
-        sha256: str | None = None,
-    ) -> ChunkReceipt:
-        """Stream chunk ``index`` to its place and count it once it is whole (and flushed).
-
-        Idempotent: a chunk already counted is read, checked for length and dropped. Raises
-        ``BadRequest`` (body too short), ``TooLarge`` (too long), ``ChecksumMismatch``,
-        ``Conflict`` (session already finalized) or ``Gone`` (aborted meanwhile); in each case
-        the chunk is not counted and nothing counted before is touched.
-        """
+    async def resolve(self, any_id: str) -> str:
+        """The session id behind a session id or a task id (an unknown well-formed id is returned
+        as it is; :meth:`get` then says 404). Raises ``session_not_found`` if malformed."""
         ...
 
-    async def claim_end(self, session_id: str, kind: str) -> Claim:
-        """Claim the session's one-time end (``finalize``/``abort``/``expire``) atomically.
+    async def scan(self) -> list[SessionState]:
+        """Every session in the store, expired and claimed ones included (for the sweeper and
+        recovery, which apply their own policy). One unreadable session is skipped, not fatal."""
+        ...
+
+    async def remove(self, session_id: str, reason: EndKind) -> None:
+        """Delete the session and its bytes, leaving a tombstone so later calls get 410.
+        Idempotent."""
+        ...
+
+    async def purge(self, now: float) -> None:
+        """Housekeeping: debris of interrupted creations and removals, and tombstones and task
+        ids older than a week."""
+        ...
+
+    async def healthy(self) -> bool:
+        """Can the store take writes now?"""
+        ...
+
+
+class RangeWriter(Protocol):
+    """Writes one byte range of a session's file, in order. The caller either hands over bytes it
+    owns (:meth:`write`) or fills buffers the writer lends (:meth:`buffer`, then :meth:`filled`),
+    so a reader can ``recv_into`` them without a copy. Nothing is durable before :meth:`commit`."""
+
+    @property
+    def written(self) -> int:
+        """Bytes accepted so far (written or queued)."""
+        ...
+
+    @property
+    def durable_bytes(self) -> int:
+        """Bytes of the range known to be on stable storage."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (kept, not copied, until written). Raises ``ValueError`` past the end."""
+        ...
+
+    def buffer(self) -> memoryview:
+        """A buffer to fill with the next bytes (lent until :meth:`filled`); never empty while
+        the range has room."""
+        ...
+
+    async def filled(self, n: int) -> None:
+        """The first ``n`` bytes of the last :meth:`buffer` are the range's next bytes."""
+        ...
+
+    async def commit(self) -> str | None:
+        """Write out what is pending and make it durable (in durable mode); return the SHA-256
+        (hex) of every byte written when the range was opened ``hashed``."""
+        ...
+
+
+class ChunkSlot(Protocol):
+    """One chunk, held exclusively (across processes) for as long as the slot is open."""
+
+    @property
+    def counted(self) -> str | None:
+        """The chunk is counted already: its stored SHA-256 ("" when none was known), else None."""
+        ...
+
+    @property
+    def writer(self) -> RangeWriter:
+        ...
+
+    async def count(self, digest: str | None) -> frozenset[int]:
+        """Count the chunk (after a successful :meth:`RangeWriter.commit`); durable when it
+        returns. Returns every chunk counted now. Raises 409 ``session_finalized`` or 410 if the
+        session ended meanwhile."""
+        ...
+
+
+class Chunks(Protocol):
+    def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
+                   ) -> AbstractAsyncContextManager[ChunkSlot]:
+        """Hold chunk ``index`` for writing: one holder per chunk in any process (a second one
+        waits, then gets 409 ``chunk_busy``); a chunk already counted is never written again.
+        Raises 409 ``session_finalized`` once the session's end is claimed, 404/410 as
+        :meth:`Sessions.get`. Leaving the block without :meth:`ChunkSlot.count` counts nothing."""
+        ...
+
+
+class Ends(Protocol):
+    async def claim_end(self, session_id: str, kind: EndKind) -> Claim:
+        """Claim the session's one-time end atomically; durable when it returns.
 
         Exactly one caller, in any process, gets ``won=True``; every later call returns that
-        same claim with ``won=False``. A finalize claim carries a fresh task id.
+        same claim with ``won=False``. A finalize claim carries a fresh task id, resolvable by
+        :meth:`Sessions.resolve` from then on.
         """
         ...
 
-    def stale(self, claim: Claim) -> bool:
-        """True when a finalize claim has waited so long for an outcome that its owner is dead."""
+
+class Leases(Protocol):
+    async def acquire(self, session_id: str) -> Lease | None:
+        """Become the one driver of the session's task, unless a live one exists (None then).
+        A lease that was released, or not renewed for :data:`LEASE_STALE_SECONDS`, is taken
+        over; the old holder's writes fail with :class:`LeaseLost` from then on."""
         ...
 
-    def data_path(self, session_id: str) -> Path:
-        """Where the session's bytes are (until a hand-off moves them away)."""
+    async def renew(self, lease: Lease) -> bool:
+        """Keep the lease live; False if it was taken over."""
         ...
 
-    async def record_task(
-        self, session_id: str, task: dict[str, Any], *, lease: Path | None = None
-    ) -> None:
-        """Store the task's state (atomically replaced); with ``lease``, only while it holds."""
+    async def release(self, lease: Lease) -> None:
+        """The task is over (or handed back): anyone may acquire it at once."""
         ...
 
-    async def record_failure(self, session_id: str, error: dict[str, Any]) -> None:
-        """Mark the session failed with ``error`` and remove its bytes."""
+
+class OnceClaims(Protocol):
+    async def claim_once(self, session_id: str, name: str) -> bool:
+        """True for the one caller, ever, in any process, that claims ``name``; durable."""
         ...
 
-    async def remove(self, session_id: str, reason: str) -> None:
-        """Delete the session and its bytes, leaving a tombstone so later calls get ``Gone``."""
+    async def release_once(self, session_id: str, name: str) -> None:
+        """Free ``name`` again (``chunkd retry``), keeping the old claim as history."""
         ...
 
-    async def sweep(self, now: float, busy: set[str]) -> list[str]:
-        """Remove expired sessions, except those in ``busy`` or being written or finalized."""
+
+class TaskRecords(Protocol):
+    async def write_task(self, task: Task, lease: Lease) -> None:
+        """Replace the task's record, only while ``lease`` holds (raises :class:`LeaseLost`
+        otherwise); durable when it returns."""
         ...
+
+    async def write_result(self, session_id: str, result: Any, lease: Lease) -> None:
+        """Keep a finished task's result (e.g. a transcript), under ``lease``."""
+        ...
+
+    async def read_result(self, session_id: str) -> Any:
+        ...
+
+    async def record_failure(self, session_id: str, error: ChunkdError) -> None:
+        """Finalize refused the file: keep why, and remove its bytes."""
+        ...
+
+
+class Blob(Protocol):
+    """The finished file of a session."""
+
+    size: int
+
+    async def read(self, offset: int, n: int) -> bytes:
+        ...
+
+    def stream(self, piece: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The whole file in pieces of at most ``piece`` bytes (memory stays flat)."""
+        ...
+
+    def local_path(self) -> Path | None:
+        """A path a program can open, where the backend has one (None otherwise)."""
+        ...
+
+
+@runtime_checkable
+class Movable(Protocol):
+    """A blob that can be moved into a local folder without copying (same file system)."""
+
+    async def move_to(self, target: Path) -> None:
+        """Rename the file to ``target`` (durably). Idempotent: done again after a crash, it
+        succeeds when ``target`` is already there."""
+        ...
+
+
+class Blobs(Protocol):
+    async def blob(self, session_id: str) -> Blob | None:
+        """The finished file, or None when its bytes are gone (moved away or refused)."""
+        ...
+
+
+class SessionStore(Sessions, Chunks, Ends, Leases, OnceClaims, TaskRecords, Blobs, Protocol):
+    """Everything chunkd needs of a store."""

@@ -1,0 +1,1 @@
+"""Protocol-neutral use cases (no aiohttp): uploads, finalize, tasks, recovery and sweeping."""

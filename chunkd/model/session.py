@@ -1,0 +1,155 @@
+"""An upload session: what was fixed at creation, its one-time end, and a snapshot of its state.
+
+Every field a caller sees is derived from these snapshots, which a store builds from its durable
+state; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from chunkd.model.task import Stage, Task
+
+
+class Phase(enum.StrEnum):
+    """Where a session is in its life (the ``status`` field of the HTTP replies)."""
+
+    UPLOADING = "uploading"    # chunks still missing
+    RECEIVED = "complete"      # every chunk counted, not finalized yet (wire name: "complete")
+    FINALIZING = "finalizing"  # finalize claimed, validation / hand-off under way
+    PROCESSING = "processing"  # handed off; the task is working on it
+    COMPLETED = "completed"    # the task finished
+    FAILED = "failed"          # finalize refused the file, or the task failed (see ``error``)
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    """What was fixed when the session was created. Never changes afterwards."""
+
+    session_id: str
+    filename: str
+    extension: str
+    total_size: int
+    chunk_size: int
+    total_chunks: int
+    created_at: float
+    expires_at: float
+    language: str | None = None
+    model: str | None = None
+    task_params: dict[str, Any] = field(default_factory=dict)
+
+    def chunk_offset(self, index: int) -> int:
+        return index * self.chunk_size
+
+    def chunk_length(self, index: int) -> int:
+        """Every chunk is ``chunk_size`` bytes; the last one holds the remainder."""
+        return min(self.chunk_size, self.total_size - index * self.chunk_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "filename": self.filename,
+            "extension": self.extension,
+            "total_size": self.total_size,
+            "chunk_size": self.chunk_size,
+            "total_chunks": self.total_chunks,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "language": self.language,
+            "model": self.model,
+            "task_params": self.task_params,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SessionMeta:
+        """Unknown keys are ignored and missing optional ones take their defaults, so records
+        written by other versions still load."""
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+
+
+class EndKind(enum.StrEnum):
+    """How a session ends; exactly one of them, claimed once."""
+
+    FINALIZE = "finalize"
+    ABORT = "abort"
+    EXPIRE = "expire"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The one-time end of a session, claimed atomically by whoever got there first."""
+
+    kind: EndKind
+    task_id: str | None  # a finalize claim carries the task's id
+    claimed_at: float
+    won: bool            # True for the caller that created the claim
+
+
+@dataclass(frozen=True)
+class ChunkReceipt:
+    """What receiving one chunk did."""
+
+    index: int
+    received: int           # chunks counted after this one
+    already_received: bool  # the chunk had been counted before; the body was read and dropped
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """A snapshot of one session, derived from the store."""
+
+    meta: SessionMeta
+    received: frozenset[int]
+    claim: Claim | None = None
+    task: Task | None = None
+    #: Why finalize refused the file (``ChunkdError.to_record()``); its bytes are gone then.
+    failure: dict[str, Any] | None = None
+    #: When its bytes were last written (any process), if the store knows.
+    last_write: float | None = None
+    #: A chunk of it is being written by this process right now.
+    writing: bool = False
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.meta.total_chunks) if i not in self.received]
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(self.meta.chunk_length(i) for i in self.received)
+
+    @property
+    def task_id(self) -> str | None:
+        return self.claim.task_id if self.claim is not None else None
+
+    @property
+    def finished(self) -> bool:
+        """The finalize has an outcome that will not change by itself: refused, or a task that
+        reached a final stage."""
+        return self.failure is not None or (self.task is not None and self.task.stage.is_final)
+
+    @property
+    def phase(self) -> Phase:
+        if self.failure is not None:
+            return Phase.FAILED
+        if self.task is not None:
+            if self.task.stage is Stage.COMPLETE:
+                return Phase.COMPLETED
+            return Phase.FAILED if self.task.stage is Stage.FAILED else Phase.PROCESSING
+        if self.claim is not None and self.claim.kind is EndKind.FINALIZE:
+            return Phase.FINALIZING
+        if len(self.received) == self.meta.total_chunks:
+            return Phase.RECEIVED
+        return Phase.UPLOADING
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """Why it failed, in the API's error shape (``code``, ``message``, details)."""
+        if self.failure is not None:
+            return dict(self.failure["error"])
+        if self.task is not None and self.task.stage is Stage.FAILED:
+            err = self.task.error or {}
+            return {"code": err.get("error_code", "processing_failed"),
+                    "message": err.get("user_message", self.task.message)}
+        return None

@@ -1,0 +1,487 @@
+"""The file-system session store: :class:`FileSystemStore` composes the layout
+(:mod:`.layout`, which draws the tree), the range writer (:mod:`.ranges`) and the leases
+(:mod:`.leases`) into a :class:`~chunkd.store.base.SessionStore`.
+
+Each operation is one synchronous helper (``_x_sync``) run in one thread hop, the way aiohttp's
+``FileResponse`` groups its blocking calls. In durable mode, an operation that answers a client
+(a counted chunk, a new session, a claim, a task step) has fsynced its files and the folders
+that name them before it returns, so the answer survives a power cut, not just kill -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chunkd import errors as E
+from chunkd.atomic import fsync_dir, read_json, write_json_atomic
+from chunkd.errors import ChunkdError
+from chunkd.model.session import Claim, EndKind, SessionMeta, SessionState
+from chunkd.model.task import Task
+from chunkd.store.base import Lease, LeaseLost, StoreLimits
+from chunkd.store.fs.layout import Layout, is_session_id
+from chunkd.store.fs.leases import FileLeases
+from chunkd.store.fs.ranges import FileRangeWriter, disk_full, lock_range
+
+log = logging.getLogger("chunkd.store")
+
+#: Smallest chunk (and so most marker files per byte) this store accepts.
+MIN_CHUNK_SIZE = 1024
+#: Most chunks per session: one marker file each.
+MAX_CHUNKS = 100_000
+#: Half-created sessions (``.new-*``) older than this are debris from a crash.
+STAGING_DEBRIS_SECONDS = 3600.0
+#: Tombstones (410 instead of 404) and task-id entries are kept this long after a removal.
+TOMBSTONE_SECONDS = 7 * 86400.0
+
+
+class FileChunkSlot:
+    """A held chunk: the OFD lock on its byte range is held until the slot closes."""
+
+    def __init__(self, store: FileSystemStore, meta: SessionMeta, index: int,
+                 writer: FileRangeWriter, counted: str | None) -> None:
+        self._store = store
+        self._meta = meta
+        self._index = index
+        self.writer = writer
+        self.counted = counted
+
+    async def count(self, digest: str | None) -> frozenset[int]:
+        if self.counted is not None:
+            raise ValueError(f"chunk {self._index} is counted already")
+        if self.writer.durable_bytes != self._meta.chunk_length(self._index):
+            raise ValueError(f"chunk {self._index} is not whole and committed")
+        received = await asyncio.to_thread(
+            self._store._count_chunk_sync, self._meta.session_id, self._index, digest)
+        self.counted = digest or ""
+        return received
+
+
+class FileBlob:
+    """The finished ``data`` file of a session."""
+
+    def __init__(self, path: Path, size: int, durable: bool) -> None:
+        self._path = path
+        self._durable = durable
+        self.size = size
+
+    async def read(self, offset: int, n: int) -> bytes:
+        def run() -> bytes:
+            with open(self._path, "rb") as f:
+                return os.pread(f.fileno(), n, offset)
+
+        return await asyncio.to_thread(run)
+
+    async def stream(self, piece: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        f = await asyncio.to_thread(open, self._path, "rb")
+        try:
+            while data := await asyncio.to_thread(f.read, piece):
+                yield data
+        finally:
+            f.close()
+
+    def local_path(self) -> Path:
+        return self._path
+
+    async def move_to(self, target: Path) -> None:
+        def run() -> None:
+            try:
+                os.rename(self._path, target)
+            except FileNotFoundError:
+                if not target.exists():  # not an earlier try of this same move
+                    raise
+            if self._durable:
+                fsync_dir(target.parent)  # the rename itself must survive a power cut
+
+        await asyncio.to_thread(run)
+
+
+class FileSystemStore:
+    """A :class:`~chunkd.store.base.SessionStore` on a local (or shared POSIX) file system."""
+
+    limits = StoreLimits(min_part_size=MIN_CHUNK_SIZE, max_parts=MAX_CHUNKS)
+
+    def __init__(self, root: Path, *, durable: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.layout = Layout(root)
+        self.layout.make()
+        self.durable = durable
+        self.clock = clock
+        self._leases = FileLeases(self.layout, clock)
+        self._meta_cache: dict[str, SessionMeta] = {}
+        self._writing: dict[str, int] = {}  # session id -> chunk slots open in this process
+
+    @staticmethod
+    def is_data_dir(root: Path) -> bool:
+        """Does ``root`` look like a data folder this store made?"""
+        return Layout(root).sessions.is_dir()
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.durable:
+            fsync_dir(path)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create(self, *, ttl: float, **fields: Any) -> SessionMeta:
+        now = self.clock()
+        meta = SessionMeta(session_id=str(uuid.uuid4()), created_at=now, expires_at=now + ttl,
+                           **fields)
+        await asyncio.to_thread(self._create_sync, meta)
+        self._meta_cache[meta.session_id] = meta
+        return meta
+
+    def _create_sync(self, meta: SessionMeta) -> None:
+        sid = meta.session_id
+        staging = self.layout.staging(sid)
+        try:
+            staging.mkdir()
+            (staging / self.layout.chunks(sid).name).mkdir()
+            free = shutil.disk_usage(self.layout.root).free
+            if meta.total_size > free:
+                raise E.INSUFFICIENT_STORAGE(
+                    reason=f"{meta.total_size} bytes asked, {free} free", free_bytes=free)
+            data = staging / self.layout.data(sid).name
+            fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                # Reserve every byte now, so a session that cannot fit fails here with 507
+                # instead of in the middle of its upload.
+                os.posix_fallocate(fd, 0, meta.total_size)
+            except OSError as exc:
+                if disk_full(exc) or exc.errno == 27:  # EFBIG
+                    raise E.INSUFFICIENT_STORAGE(
+                        reason=f"cannot reserve {meta.total_size} bytes: {exc.strerror}"
+                    ) from None
+                raise
+            finally:
+                os.close(fd)
+            write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
+            self._sync_dir(staging)
+            os.rename(staging, self.layout.session(sid))
+            self._sync_dir(self.layout.sessions)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    async def get(self, session_id: str) -> SessionMeta:
+        return await asyncio.to_thread(self._get_sync, session_id)
+
+    def _get_sync(self, sid: str) -> SessionMeta:
+        meta = self._meta(sid)
+        claim = self._read_claim(sid)
+        if claim is not None and claim.kind is not EndKind.FINALIZE:
+            raise _gone(claim.kind)
+        if claim is None and self.clock() > meta.expires_at:
+            # A finalized session lives on until its task is over and the sweeper takes it.
+            raise _gone(EndKind.EXPIRE)
+        return meta
+
+    def _meta(self, sid: str) -> SessionMeta:
+        if not is_session_id(sid):
+            raise E.SESSION_NOT_FOUND()
+        meta = self._meta_cache.get(sid)
+        if meta is None or not self.layout.session(sid).is_dir():
+            doc = read_json(self.layout.metadata(sid))
+            if doc is None:
+                self._meta_cache.pop(sid, None)
+                raise self._missing(sid)
+            meta = SessionMeta.from_json(doc)
+            self._meta_cache[sid] = meta
+        return meta
+
+    def _missing(self, sid: str) -> ChunkdError:
+        """The error for a session that is not (or no longer) on disk."""
+        tomb = read_json(self.layout.tombstone(sid))
+        if tomb is not None:
+            return _gone(EndKind(tomb.get("reason", "abort")))
+        return E.SESSION_NOT_FOUND()
+
+    def _read_claim(self, sid: str) -> Claim | None:
+        doc = read_json(self.layout.claim(sid))
+        if doc is None:
+            return None
+        return Claim(EndKind(doc["kind"]), doc.get("task_id"), doc["claimed_at"], won=False)
+
+    def _received(self, sid: str) -> frozenset[int]:
+        try:
+            names = os.listdir(self.layout.chunks(sid))
+        except FileNotFoundError:
+            raise self._missing(sid) from None
+        return frozenset(int(n) for n in names if n.isdigit())
+
+    def _read_state(self, sid: str) -> SessionState:
+        meta = self._meta(sid)
+        task = read_json(self.layout.task(sid))
+        try:
+            last_write: float | None = os.stat(self.layout.data(sid)).st_mtime
+        except FileNotFoundError:
+            last_write = None  # handed off or refused
+        return SessionState(
+            meta=meta,
+            received=self._received(sid),
+            claim=self._read_claim(sid),
+            task=Task.from_json(task) if task is not None else None,
+            failure=read_json(self.layout.failure(sid)),
+            last_write=last_write,
+            writing=sid in self._writing,
+        )
+
+    async def state(self, session_id: str) -> SessionState:
+        def run() -> SessionState:
+            self._get_sync(session_id)
+            return self._read_state(session_id)
+
+        return await asyncio.to_thread(run)
+
+    async def resolve(self, any_id: str) -> str:
+        if not is_session_id(any_id):
+            raise E.SESSION_NOT_FOUND()
+        try:
+            sid = (await asyncio.to_thread(self.layout.task_index(any_id).read_text)).strip()
+        except FileNotFoundError:
+            return any_id
+        return sid if is_session_id(sid) else any_id
+
+    async def scan(self) -> list[SessionState]:
+        def run() -> list[SessionState]:
+            out = []
+            for entry in os.scandir(self.layout.sessions):
+                if not is_session_id(entry.name):
+                    continue
+                try:
+                    out.append(self._read_state(entry.name))
+                except (ChunkdError, ValueError, KeyError, TypeError, OSError) as exc:
+                    log.warning("skipping session %s: %r", entry.name, exc)
+            return out
+
+        return await asyncio.to_thread(run)
+
+    async def remove(self, session_id: str, reason: EndKind) -> None:
+        await asyncio.to_thread(self._remove_sync, session_id, reason)
+
+    def _remove_sync(self, sid: str, reason: EndKind) -> None:
+        """Tombstone first, then one rename out of ``sessions/``, then delete at leisure."""
+        write_json_atomic(self.layout.tombstone(sid), {"reason": reason.value, "at": self.clock()})
+        target = self.layout.trash / f"{sid}.{uuid.uuid4().hex}"
+        try:
+            os.rename(self.layout.session(sid), target)
+        except FileNotFoundError:
+            return
+        self._meta_cache.pop(sid, None)
+        shutil.rmtree(target, ignore_errors=True)
+
+    async def purge(self, now: float) -> None:
+        def run() -> None:
+            for entry in os.scandir(self.layout.sessions):
+                if Layout.is_staging(entry.name) and (
+                    now - entry.stat().st_mtime > STAGING_DEBRIS_SECONDS
+                ):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            for entry in os.scandir(self.layout.trash):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            for folder in (self.layout.gone, self.layout.tasks):
+                for entry in os.scandir(folder):
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime < now - TOMBSTONE_SECONDS:
+                            os.unlink(entry.path)
+
+        await asyncio.to_thread(run)
+
+    async def healthy(self) -> bool:
+        return await asyncio.to_thread(os.access, self.layout.sessions, os.W_OK)
+
+    # -- chunks ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
+                         ) -> AsyncIterator[FileChunkSlot]:
+        sid = meta.session_id
+        offset, length = meta.chunk_offset(index), meta.chunk_length(index)
+        try:
+            fd = await asyncio.to_thread(os.open, self.layout.data(sid), os.O_WRONLY)
+        except FileNotFoundError:
+            await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
+            raise self._missing(sid) from None
+        self._writing[sid] = self._writing.get(sid, 0) + 1
+        writer = FileRangeWriter(fd, offset, length, hashed=hashed, durable=self.durable)
+        try:
+            # One writer per chunk, in any process: an OFD lock on the chunk's byte range. Every
+            # check below happens under it, so a chunk counted by someone else is never written
+            # again, and no write can land after finalize (which needs every chunk counted).
+            await lock_range(fd, offset, length, index)
+            counted = await asyncio.to_thread(self._counted_sync, sid, index)
+            yield FileChunkSlot(self, meta, index, writer, counted)
+        finally:
+            await writer.close()
+            left = self._writing[sid] - 1
+            if left:
+                self._writing[sid] = left
+            else:
+                del self._writing[sid]
+            await asyncio.to_thread(os.close, fd)  # also releases the range lock
+
+    def _counted_sync(self, sid: str, index: int) -> str | None:
+        """Is the session still open (else raise), and is this chunk counted (its digest)?"""
+        self._check_open_for_chunks(sid)
+        try:
+            return self.layout.marker(sid, index).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _check_open_for_chunks(self, sid: str) -> None:
+        claim = self._read_claim(sid)
+        if claim is None:
+            return
+        if claim.kind is EndKind.FINALIZE:
+            raise E.SESSION_FINALIZED(task_id=claim.task_id)
+        raise _gone(claim.kind)
+
+    def _count_chunk_sync(self, sid: str, index: int, digest: str | None) -> frozenset[int]:
+        """Create the chunk's marker by rename (atomic) and make that rename durable."""
+        self._check_open_for_chunks(sid)
+        marker = self.layout.marker(sid, index)
+        tmp = marker.with_name(f".{index}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "x") as f:
+                f.write(digest or "")
+        except FileNotFoundError:
+            raise self._missing(sid) from None  # removed while the body was streaming
+        except OSError as exc:
+            if disk_full(exc):
+                raise E.INSUFFICIENT_STORAGE(reason="the disk is full") from None
+            raise
+        os.replace(tmp, marker)
+        self._sync_dir(marker.parent)
+        return self._received(sid)
+
+    # -- the one-time end --------------------------------------------------------------------
+
+    async def claim_end(self, session_id: str, kind: EndKind) -> Claim:
+        return await asyncio.to_thread(self._claim_sync, session_id, kind)
+
+    def _claim_sync(self, sid: str, kind: EndKind) -> Claim:
+        task_id = str(uuid.uuid4()) if kind is EndKind.FINALIZE else None
+        claimed_at = self.clock()
+        doc = {"kind": kind.value, "task_id": task_id, "claimed_at": claimed_at,
+               "pid": os.getpid(), "host": socket.gethostname()}
+        folder = self.layout.session(sid)
+        tmp = folder / f".end.{uuid.uuid4().hex}.tmp"
+        try:
+            write_json_atomic(tmp, doc)
+        except FileNotFoundError:
+            raise self._missing(sid) from None
+        index = self.layout.task_index(task_id) if task_id is not None else None
+        try:
+            if index is not None:  # before the claim, so a task id is always resolvable
+                index.write_text(sid)
+                self._sync_dir(index.parent)
+            try:
+                os.link(tmp, self.layout.claim(sid))  # fails with EEXIST when someone else won
+                won = True
+            except FileExistsError:
+                won = False
+                if index is not None:
+                    index.unlink()
+        finally:
+            os.unlink(tmp)
+        if won:
+            self._sync_dir(folder)
+            return Claim(kind, task_id, claimed_at, won=True)
+        claim = self._read_claim(sid)
+        assert claim is not None
+        return claim
+
+    # -- leases and one-time claims ----------------------------------------------------------
+
+    async def acquire(self, session_id: str) -> Lease | None:
+        def run() -> Lease | None:
+            self._meta(session_id)  # unknown or removed: a clear error
+            return self._leases.acquire(session_id)
+
+        return await asyncio.to_thread(run)
+
+    async def renew(self, lease: Lease) -> bool:
+        return await asyncio.to_thread(self._leases.renew, lease)
+
+    async def release(self, lease: Lease) -> None:
+        await asyncio.to_thread(self._leases.release, lease)
+
+    async def claim_once(self, session_id: str, name: str) -> bool:
+        def run() -> bool:
+            path = self.layout.once(session_id, name)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            os.close(fd)
+            self._sync_dir(path.parent)
+            return True
+
+        return await asyncio.to_thread(run)
+
+    async def release_once(self, session_id: str, name: str) -> None:
+        def run() -> None:
+            src = self.layout.once(session_id, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, src.with_name(f"{src.name}.{time.time_ns()}"))
+                self._sync_dir(src.parent)
+
+        await asyncio.to_thread(run)
+
+    # -- task records ------------------------------------------------------------------------
+
+    def _write_under(self, lease: Lease, path: Path, doc: Any) -> None:
+        if not self._leases.holds(lease):
+            raise LeaseLost(f"session {lease.session_id}, lease {lease.token}")
+        write_json_atomic(path, doc)
+        self._sync_dir(path.parent)
+
+    async def write_task(self, task: Task, lease: Lease) -> None:
+        await asyncio.to_thread(
+            self._write_under, lease, self.layout.task(task.session_id), task.to_json())
+
+    async def write_result(self, session_id: str, result: Any, lease: Lease) -> None:
+        await asyncio.to_thread(self._write_under, lease, self.layout.result(session_id), result)
+
+    async def read_result(self, session_id: str) -> Any:
+        def run() -> Any:
+            try:
+                return orjson.loads(self.layout.result(session_id).read_bytes())
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(run)
+
+    async def record_failure(self, session_id: str, error: ChunkdError) -> None:
+        def run() -> None:
+            path = self.layout.failure(session_id)
+            write_json_atomic(path, error.to_record())
+            self._sync_dir(path.parent)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.data(session_id))
+
+        await asyncio.to_thread(run)
+
+    # -- the finished file -------------------------------------------------------------------
+
+    async def blob(self, session_id: str) -> FileBlob | None:
+        path = self.layout.data(session_id)
+        try:
+            size = (await asyncio.to_thread(os.stat, path)).st_size
+        except FileNotFoundError:
+            return None
+        return FileBlob(path, size, self.durable)
+
+
+def _gone(kind: EndKind) -> ChunkdError:
+    return E.SESSION_EXPIRED() if kind is EndKind.EXPIRE else E.SESSION_ABORTED()
