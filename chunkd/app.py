@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware
@@ -52,7 +53,7 @@ async def _close_sockets(app: web.Application) -> None:
 def make_app(config: Config) -> web.Application:
     """Build the app for ``config``; creates the data folder's layout if it is not there."""
     drain = Drain()
-    middlewares = [errors_middleware, drain.middleware]
+    middlewares: list[Middleware] = [errors_middleware, drain.middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     app = web.Application(middlewares=middlewares)

@@ -136,8 +136,7 @@ SESSION_EXPIRED = _e("session_expired", 410, "this upload session has expired")
 SESSION_ABORTED = _e("session_aborted", 410, "this upload session was aborted")
 # -- 413 ----------------------------------------------------------------------------------------
 TOO_LARGE = _e("too_large", 413, "the request is too large")
-FILE_TOO_LARGE = _e("file_too_large", 413,
-                    "total_size {total_size} is over the limit of {max_file_size} bytes")
+FILE_TOO_LARGE = _e("file_too_large", 413, "total_size is over the limit of {max_file_size} bytes")
 CHUNK_SIZE_TOO_LARGE = _e("chunk_size_too_large", 413,
                           "chunk_size {chunk_size} is over the limit of {max_chunk_size} bytes")
 CHUNK_TOO_LONG = _e("chunk_too_long", 413,

@@ -80,7 +80,7 @@ def check_new_session(doc: Any, config: Config, limits: StoreLimits) -> dict[str
     if total_size <= 0:
         raise E.INVALID_VALUE(field="total_size", rule="must be positive")
     if total_size > config.max_file_size:
-        raise E.FILE_TOO_LARGE(total_size=total_size, max_file_size=config.max_file_size)
+        raise E.FILE_TOO_LARGE(max_file_size=config.max_file_size)
     chunk_size = _int_field(doc, "chunk_size", required=False)
     if chunk_size is None:
         chunk_size = config.chunk_size

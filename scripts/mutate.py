@@ -67,20 +67,36 @@ EXCLUDE_NAMES = {"__pycache__", ".pytest_cache", "node_modules"}
 GUARD_MODULE = "chunkd_mutate_guard"
 GUARD_EXIT = 97  # the guard's pytest exit status: the wrong chunkd was imported
 GUARD_SOURCE = f'''\
-"""Loaded by scripts/mutate.py with -p: chunkd must come from the copy under test."""
+"""Loaded by scripts/mutate.py with -p (before any conftest): chunkd must be the copy's."""
+import importlib.util
 import os
-import pytest
+import sys
 
-def _check():
-    import chunkd
-    root = os.path.realpath(os.environ["CHUNKD_MUTATE_COPY"])
-    got = os.path.realpath(chunkd.__file__)
-    if not got.startswith(root + os.sep):
-        pytest.exit(f"MUTATE-GUARD: chunkd imported from {{got}}, not from the copy {{root}}",
-                    returncode={GUARD_EXIT})
+ROOT = os.path.realpath(os.environ["CHUNKD_MUTATE_COPY"])
+
+
+def _ok(path):
+    return bool(path) and os.path.realpath(path).startswith(ROOT + os.sep)
+
+
+def _fail(got):
+    sys.stderr.write(f"MUTATE-GUARD: chunkd resolves to {{got}}, not to the copy {{ROOT}}\\n")
+    sys.stderr.flush()
+    os._exit({GUARD_EXIT})
+
+
+# Where ``import chunkd`` would come from, found without running chunkd's code (a mutant may
+# break it): checked before the conftest imports chunkd.
+_spec = importlib.util.find_spec("chunkd")
+if not _ok(_spec.origin if _spec else None):
+    _fail(_spec.origin if _spec else None)
+
 
 def pytest_collection_finish(session):
-    _check()
+    mod = sys.modules.get("chunkd")  # and the module actually imported
+    if mod is not None and not _ok(getattr(mod, "__file__", None)):
+        _fail(mod.__file__)
+
 
 def pytest_runtest_logstart(nodeid, location):
     # which test is running, for a run that times out (-q output does not name tests)

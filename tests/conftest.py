@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
@@ -82,6 +83,16 @@ async def put_chunk(client, sid: str, index: int, body: bytes, **headers: str):
     )
 
 
+async def store_put(store, meta, index: int, data: bytes) -> bool:
+    """Write and count one chunk straight through a store (no HTTP); False if counted before."""
+    async with store.open_chunk(meta, index, hashed=False) as slot:
+        if slot.counted is not None:
+            return False
+        await slot.writer.write(data)
+        await slot.count(await slot.writer.commit())
+    return True
+
+
 async def upload_all(client, filename: str, data: bytes, chunk_size: int) -> str:
     """Create a session and send every chunk in order; return the session id."""
     sid = (await create_session(client, filename, data, chunk_size))["session_id"]
@@ -89,6 +100,21 @@ async def upload_all(client, filename: str, data: bytes, chunk_size: int) -> str
         resp = await put_chunk(client, sid, i, chunk)
         assert resp.status == 200, await resp.text()
     return sid
+
+
+async def raw_partial(client, sid: str, index: int, body: bytes, sent: int):
+    """A chunk request whose body stops after ``sent`` of its bytes (the socket stays open)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"POST /upload/chunked/{sid}/chunk?index={index} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:sent])
+    await writer.drain()
+    return reader, writer
+
+
+async def status_line(reader) -> bytes:
+    return (await asyncio.wait_for(reader.readline(), 10)).strip()
 
 
 class ServerProcess:

@@ -188,9 +188,11 @@ async def test_finalized_session_refuses_chunks_and_abort(client):
     assert resp.status == 409
     assert (await resp.json())["error"] == {
         "code": "session_finalized", "task_id": task_id,
-        "message": "this upload session is already finalized; it takes no more chunks"}
+        "message": "this upload session is already finalized; it takes no more changes"}
     resp = await client.delete(f"/upload/chunked/{sid}/abort")
     assert resp.status == 409
+    # one code, one message, wherever it is raised
+    assert (await resp.json())["error"]["message"] == "this upload session is already finalized; it takes no more changes"
     status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
     assert status["status"] == "completed"
     assert status["task_id"] == task_id

@@ -19,8 +19,9 @@ import pytest
 import yarl
 
 from chunkd.app import make_app
-from chunkd.config import MAX_CHUNKS, MIN_CHUNK_SIZE, Config
+from chunkd.config import Config
 from chunkd.keys import STORE
+from chunkd.store.fs.store import MAX_CHUNKS, MIN_CHUNK_SIZE
 from conftest import MEDIA, chunks_of, create_session, put_chunk, session_body, sha256
 
 CHUNK = 4096
@@ -510,9 +511,9 @@ async def test_connection_dropped_mid_chunk_counts_nothing(client, config, sid, 
     await _send_half_and_drop(client, sid, index, framing)
     store = client.server.app[STORE]
     deadline = time.monotonic() + 5
-    while store.inflight and time.monotonic() < deadline:  # the server notices the drop
+    while (await store.state(sid)).writing and time.monotonic() < deadline:  # noticed the drop
         await asyncio.sleep(0.02)
-    assert store.inflight == {}, "a dropped request is still counted as in flight"
+    assert not (await store.state(sid)).writing, "a dropped request is still counted as in flight"
     await assert_only_chunk0(client, config, sid)
     resp = await put_chunk(client, sid, index, PARTS[index])
     assert resp.status == 200, await resp.text()

@@ -7,27 +7,22 @@ from pathlib import Path
 
 import aiohttp
 
-import chunkd.store.filesystem as fs
+import chunkd.store.fs.ranges as ranges
 from chunkd.app import make_app
 from chunkd.config import Config
-from conftest import MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, sha256
+from conftest import (
+    MEDIA,
+    ChunkdTestServer,
+    chunks_of,
+    create_session,
+    put_chunk,
+    raw_partial,
+    sha256,
+    status_line,
+)
 
 SPEECH = (MEDIA / "speech.wav").read_bytes()
 CHUNK = 65536
-
-
-async def raw_partial(client, sid: str, index: int, body: bytes, sent: int):
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        f"POST /upload/chunked/{sid}/chunk?index={index} HTTP/1.1\r\nHost: x\r\n"
-        f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body[:sent])
-    await writer.drain()
-    return reader, writer
-
-
-async def status_line(reader) -> bytes:
-    return (await asyncio.wait_for(reader.readline(), 10)).strip()
 
 
 async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client):
@@ -47,7 +42,7 @@ async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client):
 
 
 async def test_one_writer_per_chunk(client, monkeypatch):
-    monkeypatch.setattr(fs, "CHUNK_LOCK_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(ranges, "CHUNK_LOCK_WAIT_SECONDS", 0.3)
     parts = chunks_of(SPEECH, CHUNK)
     sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
     reader, writer = await raw_partial(client, sid, 0, parts[0], 1000)
@@ -92,8 +87,10 @@ async def test_a_silent_body_is_cut_off(aiohttp_client, tmp_path):
 
 
 async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, monkeypatch):
-    import chunkd.finalize as fin
+    import chunkd.core.finalize as fin
+    from chunkd.core.recovery import recover_once
     from chunkd.keys import RUNNER, STORE
+    from chunkd.model.session import EndKind
 
     monkeypatch.setattr(fin, "WAIT_FOR_WINNER_SECONDS", 0.2)
     store, runner = client.server.app[STORE], client.server.app[RUNNER]
@@ -101,13 +98,13 @@ async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, monke
     sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
     for i, part in enumerate(parts):
         await put_chunk(client, sid, i, part)
-    claim = await store.claim_end(sid, "finalize")  # a process that claimed, then died
+    claim = await store.claim_end(sid, EndKind.FINALIZE)  # a process that claimed, then died
     resp = await client.post(f"/upload/chunked/{sid}/finalize")
     assert resp.status == 202
     doc = await resp.json()
     assert doc["status"] == "finalizing" and doc["task_id"] == claim.task_id
-    monkeypatch.setattr(fs, "STALE_CLAIM_SECONDS", 0.0)
-    await runner.resume_orphans()
+    monkeypatch.setattr(fin, "STALE_CLAIM_SECONDS", 0.0)
+    await recover_once(store, runner)
     status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
     assert status["status"] == "completed" and status["task_id"] == claim.task_id
     assert sha256(Path(status["task"]["location"]).read_bytes()) == sha256(SPEECH)

@@ -15,8 +15,8 @@ from chunkd.config import Config
 from chunkd.keys import STORE
 from chunkd.progress import ProgressHub, Close
 from chunkd.store import FileSystemStore
-from chunkd.tasks import retry_task
-from conftest import MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, sha256
+from chunkd.core.tasks import retry_task
+from conftest import store_put, MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, sha256
 from whisperx_double import RESULT, WhisperXDouble
 
 SPEECH = (MEDIA / "speech.wav").read_bytes()
@@ -150,11 +150,8 @@ async def test_slow_subscriber_is_dropped_without_stalling_others(tmp_path):
 
     reader = asyncio.create_task(drain_fast())
 
-    async def one(data: bytes):
-        yield data
-
     for i in range(40):
-        await store.put_chunk(meta, i, one(bytes(1024)))
+        await store_put(store, meta, i, bytes(1024))
         hub.poke(meta.session_id)
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)
@@ -214,7 +211,8 @@ async def test_service_errors_reach_the_subscriber_and_keep_the_file(
     assert final["error_code"] == code
     assert text in final["user_message"] + final["technical_detail"]
     store = client.server.app[STORE]
-    assert sha256(store.data_path(sid).read_bytes()) == sha256(SPEECH)  # kept for a retry
+    blob = await store.blob(sid)  # kept for a retry
+    assert blob is not None and sha256(await blob.read(0, blob.size)) == sha256(SPEECH)
     status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
     assert status["task"]["stage"] == "failed"
     assert status["task"]["error"]["error_code"] == code
@@ -229,7 +227,7 @@ async def test_service_down_is_retried_then_reported(aiohttp_client, tmp_path, u
     final = msgs[-1]
     assert final["type"] == "error" and final["error_code"] == "service_unavailable"
     assert "3 tries" in final["user_message"] and "cannot reach" in final["technical_detail"]
-    assert client.server.app[STORE].data_path(sid).exists()
+    assert await client.server.app[STORE].blob(sid) is not None
 
 
 async def test_never_answering_service_times_out_and_retry_works(aiohttp_client, double_url, tmp_path):
@@ -243,7 +241,7 @@ async def test_never_answering_service_times_out_and_retry_works(aiohttp_client,
 
     double.hang = False
     store = client.server.app[STORE]
-    await retry_task(store, task_id)
+    await retry_task(store, task_id, ("submit",))
     ws = await client.ws_connect(f"/ws/tasks/{task_id}")
     again = await asyncio.wait_for(collect(ws), 30)  # the runner's rescan takes it within 5 s
     assert again[-1]["type"] == "progress" and again[-1]["stage"] == "complete"

@@ -207,8 +207,9 @@ class ModelSession:
         return Phase.RECEIVED if self.complete else Phase.UPLOADING
 
 
-MODES = ["good", "good", "short", "long", "corrupt", "repeat"]
-pieces_st = st.lists(st.integers(1, 48), min_size=1, max_size=4)
+#: Sizes of the pieces a chunk is written in (cycled).
+pieces_st = st.lists(st.one_of(st.integers(1, 4096), st.integers(4097, 1 << 19)),
+                     min_size=1, max_size=4)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -237,7 +238,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     # -- rules -----------------------------------------------------------------------------------
 
-    @rule(target=sessions, extra=st.integers(0, 40), chunks=st.integers(1, 4),
+    @rule(target=sessions, extra=st.one_of(st.integers(0, 40), st.integers(1 << 18, 3 << 19)),
+          chunks=st.integers(1, 4),
           tail=st.integers(0, 1000), seed=st.integers(0, 2**16),
           filename=st.sampled_from(FILENAMES), language=st.sampled_from([None, "de"]),
           model=st.sampled_from([None, "large-v3"]), params=st.sampled_from(TASK_PARAMS))
@@ -254,16 +256,26 @@ class StoreMachine(RuleBasedStateMachine):
         self.model[sid] = ModelSession(meta, random.Random(seed).randbytes(total_size))
         return sid
 
-    @rule(sid=sessions, index=st.integers(0, 3), mode=st.sampled_from(MODES),
-          hashed=st.booleans(), via=st.sampled_from(["write", "buffer"]), pieces=pieces_st,
-          cut=st.integers(0, 10**4), flag=st.booleans())
-    def put(self, sid: str, index: int, mode: str, hashed: bool, via: str, pieces: list[int],
-            cut: int, flag: bool) -> None:
+    @rule(sid=sessions, index=st.integers(0, 3), repeat=st.booleans(), hashed=st.booleans(),
+          via=st.sampled_from(["write", "buffer"]), pieces=pieces_st)
+    def put(self, sid: str, index: int, repeat: bool, hashed: bool, via: str, pieces: list[int]
+            ) -> None:
+        """A whole chunk, or (``repeat``) one counted already, which is not written again."""
         s = self.model[sid]
         index %= s.meta.total_chunks
-        if mode == "repeat" and s.received:
-            index = sorted(s.received)[cut % len(s.received)]
-        self.run(self._put(s, index, mode, hashed, via, pieces, cut, flag))
+        if repeat and s.received:
+            index = sorted(s.received)[index % len(s.received)]
+        self.run(self._put(s, index, "good", hashed, via, pieces, 0, False))
+
+    @rule(sid=sessions, index=st.integers(0, 3), mode=st.sampled_from(["short", "long", "corrupt"]),
+          hashed=st.booleans(), via=st.sampled_from(["write", "buffer"]), pieces=pieces_st,
+          cut=st.integers(0, 10**4), flag=st.booleans())
+    def put_bad(self, sid: str, index: int, mode: str, hashed: bool, via: str, pieces: list[int],
+                cut: int, flag: bool) -> None:
+        """A chunk that must count nothing: short (the caller leaves without counting, after a
+        commit or not), long (the write past the end fails) or corrupt (its digest differs)."""
+        s = self.model[sid]
+        self.run(self._put(s, index % s.meta.total_chunks, mode, hashed, via, pieces, cut, flag))
 
     @rule(sid=sessions, hashed=st.booleans(), via=st.sampled_from(["write", "buffer"]),
           pieces=pieces_st)
@@ -280,8 +292,15 @@ class StoreMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.store = self.open_store()
 
-    @rule(sid=sessions, kind=st.sampled_from(list(EndKind)))
-    def claim_end(self, sid: str, kind: EndKind) -> None:
+    @rule(sid=sessions)
+    def finalize(self, sid: str) -> None:
+        self._claim(sid, EndKind.FINALIZE)
+
+    @rule(sid=sessions, kind=st.sampled_from([EndKind.ABORT, EndKind.EXPIRE]))
+    def end(self, sid: str, kind: EndKind) -> None:
+        self._claim(sid, kind)
+
+    def _claim(self, sid: str, kind: EndKind) -> None:
         s = self.model[sid]
         if s.removed:
             return
@@ -310,7 +329,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.run(self.store.remove(sid, reason))
         s.removed = True
 
-    @rule(sid=sessions, cut=st.integers(0, 10**4), piece=st.integers(1, 64))
+    @rule(sid=sessions, cut=st.integers(0, 10**4), piece=st.integers(64, 1 << 16))
     def read_blob(self, sid: str, cut: int, piece: int) -> None:
         s = self.model[sid]
         if not s.complete or s.gone:
@@ -318,8 +337,12 @@ class StoreMachine(RuleBasedStateMachine):
         event("blob read")
         self.run(self._read_blob(s, cut, piece))
 
-    @rule()
-    def scan(self) -> None:
+    @rule(purge=st.booleans())
+    def scan(self, purge: bool) -> None:
+        """Every session not removed is listed, claimed ones included; housekeeping now (or
+        not) changes nothing a caller sees (tombstones and task ids are younger than a week)."""
+        if purge:
+            self.run(self.store.purge(time.time()))
         states = self.run(self.store.scan())
         by_id = {state.meta.session_id: state for state in states}
         assert len(by_id) == len(states), "scan lists a session twice"
@@ -329,11 +352,6 @@ class StoreMachine(RuleBasedStateMachine):
             assert state.meta == s.meta
             assert state.received == frozenset(s.received)
             assert _claim_key(state.claim) == _claim_key(s.claim)
-
-    @rule()
-    def purge(self) -> None:
-        """Housekeeping now: nothing a caller sees changes (tombstones are younger than a week)."""
-        self.run(self.store.purge(time.time()))
 
     # -- the invariant ---------------------------------------------------------------------------
 
@@ -432,7 +450,7 @@ class StoreMachine(RuleBasedStateMachine):
                 assert digest == sha256(body)
             if mode == "corrupt":
                 assert digest != sha256(good)
-            if mode != "good" and mode != "repeat":
+            if mode != "good":
                 return  # short or corrupt: left without count
             stored = digest if hashed else None
             counted = await slot.count(stored)
@@ -634,3 +652,71 @@ async def test_unknown_and_malformed_ids(store_factory: StoreFactory) -> None:
         with pytest.raises(ChunkdError) as raised:
             await store.resolve(bad)
         assert raised.value.code == "session_not_found", bad
+
+
+@pytest.mark.parametrize("via", ["write", "buffer"])
+async def test_big_chunks_in_odd_pieces(store_factory: StoreFactory, via: str) -> None:
+    """Chunks of megabytes (more than any sane internal batch), written in uneven pieces."""
+    store = store_factory()
+    chunk = max(store.limits.min_part_size, (3 << 20) + 17)
+    meta = await create(store, 2 * chunk - 1000, chunk)
+    data = random.Random(7).randbytes(meta.total_size)
+    for index in range(meta.total_chunks):
+        body = data[meta.chunk_offset(index):meta.chunk_offset(index) + meta.chunk_length(index)]
+        async with store.open_chunk(meta, index, hashed=True) as slot:
+            await write_range(slot.writer, body, via, [1, 65537, 300_001, 7, 1 << 20])
+            digest = await slot.writer.commit()
+            assert digest == sha256(body)
+            assert slot.writer.durable_bytes == len(body)
+            await slot.count(digest)
+    blob = await store_factory().blob(meta.session_id)
+    assert blob is not None and blob.size == meta.total_size
+    assert await blob.read(0, blob.size) == data
+    assert b"".join([part async for part in blob.stream()]) == data
+
+
+@pytest.mark.parametrize("end", ["finalize", "abort", "expire", "remove"])
+async def test_count_fails_when_the_session_ended_meanwhile(store_factory: StoreFactory,
+                                                           end: str) -> None:
+    """The end is claimed (or the session removed) by another instance while a chunk is being
+    written: counting it then fails, and it is not counted."""
+    store, other = store_factory(), store_factory()
+    chunk = max(store.limits.min_part_size, 64)
+    meta = await create(store, 2 * chunk, chunk)
+    sid = meta.session_id
+    async with store.open_chunk(meta, 0, hashed=True) as slot:
+        await slot.writer.write(bytes(chunk))
+        digest = await slot.writer.commit()
+        if end == "remove":
+            await other.claim_end(sid, EndKind.ABORT)
+            await other.remove(sid, EndKind.ABORT)
+        else:
+            await other.claim_end(sid, EndKind(end))
+        with pytest.raises(ChunkdError) as raised:
+            await slot.count(digest)
+    if end == "finalize":
+        assert raised.value.code == "session_finalized"
+        assert (await store_factory().state(sid)).received == frozenset()
+    else:
+        assert raised.value.status == 410, raised.value.code
+
+
+async def test_a_session_past_its_ttl_takes_no_chunks(store_factory: StoreFactory) -> None:
+    """Past ``expires_at`` (by the store's clock) and not finalized, ``get`` says 410
+    ``session_expired`` before any sweeper claimed the end, and ``open_chunk`` says the same
+    (its contract: "404/410 as Sessions.get")."""
+    store = store_factory()
+    chunk = max(store.limits.min_part_size, 64)
+    meta = await create(store, 2 * chunk, chunk, ttl=60)
+    late = store_factory(clock=lambda: time.time() + 120)
+    for call in (late.get, late.state):
+        with pytest.raises(ChunkdError) as raised:
+            await call(meta.session_id)
+        assert (raised.value.status, raised.value.code) == (410, "session_expired")
+    with pytest.raises(ChunkdError) as raised:
+        async with late.open_chunk(meta, 0, hashed=False) as slot:
+            await slot.writer.write(bytes(chunk))
+            await slot.writer.commit()
+            await slot.count(None)
+    assert (raised.value.status, raised.value.code) == (410, "session_expired")
+    assert (await store.state(meta.session_id)).received == frozenset()

@@ -8,8 +8,18 @@ import time
 
 from chunkd.app import make_app
 from chunkd.config import Config
+from chunkd.core.sweeper import sweep
 from chunkd.keys import STORE
-from conftest import MEDIA, create_session, put_chunk, upload_all
+from chunkd.model.session import EndKind
+from conftest import (
+    MEDIA,
+    ChunkdTestServer,
+    create_session,
+    put_chunk,
+    raw_partial,
+    status_line,
+    upload_all,
+)
 
 
 def age(path, seconds: float) -> None:
@@ -50,11 +60,14 @@ async def test_sweep_spares_live_busy_and_finalizing_sessions(aiohttp_client, tm
     task_id = (await (await client.post(f"/upload/chunked/{done}/finalize")).json())["task_id"]
     for sid in (idle, busy, finalizing):
         age(config.data_dir / "sessions" / sid / "data", 3600)
-    assert (await store.claim_end(finalizing, "finalize")).won
+    assert (await store.claim_end(finalizing, EndKind.FINALIZE)).won
+    reader, writer = await raw_partial(client, busy, 1, data[4096:8192], 1000)  # in flight
+    await wait_writing(store, busy)
     await asyncio.sleep(1.1)  # every session so far has expired
     live = (await create_session(client, "f.ogg", data, 4096))["session_id"]
+    age(config.data_dir / "sessions" / busy / "data", 3600)
 
-    removed = await store.sweep(time.time(), busy={busy})
+    removed = await sweep(store, time.time())
 
     assert set(removed) == {idle, done}
     left = {p.name for p in (config.data_dir / "sessions").iterdir()}
@@ -64,3 +77,35 @@ async def test_sweep_spares_live_busy_and_finalizing_sessions(aiohttp_client, tm
     # the finished file is not the sweeper's: it stays where the hand-off put it
     assert (config.data_dir / "completed" / task_id / "upload.ogg").exists()
     assert list((config.data_dir / "trash").iterdir()) == []
+    writer.write(data[4096 + 1000 : 8192])
+    assert b"200" in await status_line(reader)  # the chunk in flight was counted after all
+    writer.close()
+
+
+async def wait_writing(store, sid: str) -> None:
+    for _ in range(250):  # scan, not state(): an expired session answers 410 to state()
+        if any(st.meta.session_id == sid and st.writing for st in await store.scan()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the chunk never started")
+
+
+async def test_a_chunk_in_flight_is_never_swept(aiohttp_client, tmp_path):
+    """Only the in-flight rule protects this session: no grace for recent writes."""
+    config = Config(data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
+    client = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    store = client.server.app[STORE]
+    data = (MEDIA / "speech.ogg").read_bytes()
+    busy = (await create_session(client, "b.ogg", data, 4096))["session_id"]
+    idle = (await create_session(client, "a.ogg", data, 4096))["session_id"]
+    reader, writer = await raw_partial(client, busy, 0, data[:4096], 1000)
+    await wait_writing(store, busy)
+    await asyncio.sleep(1.1)  # both expired; the chunk's body spans the expiry
+
+    assert await sweep(store, time.time(), busy_grace=0) == [idle]
+
+    writer.write(data[1000:4096])
+    assert b"200" in await status_line(reader)
+    writer.close()
+    [state] = [st for st in await store.scan() if st.meta.session_id == busy]
+    assert state.received == {0}

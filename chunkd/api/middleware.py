@@ -25,8 +25,11 @@ _HTTP_CODES = {e.status: e for e in (E.BAD_REQUEST, E.NOT_FOUND, E.METHOD_NOT_AL
 
 def error_response(exc: ChunkdError) -> web.Response:
     """The JSON API's rendering of an error: its status, ``{"error": {code, message, ...}}``."""
-    return web.Response(status=exc.status, body=orjson.dumps(exc.to_json()),
-                        content_type="application/json")
+    try:
+        body = orjson.dumps(exc.to_json())
+    except TypeError:  # a detail JSON cannot hold (e.g. an integer past 64 bits): drop details
+        body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+    return web.Response(status=exc.status, body=body, content_type="application/json")
 
 
 def _aiohttp_error(status: int, message: str) -> ChunkdError:
