@@ -5,13 +5,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test setup libmagic browser bench clean
+.PHONY: run test lint setup libmagic browser strace bench mutate clean
 
 run: setup
 	$(BIN)/chunkd serve
 
-test: setup browser
+test: setup browser strace lint
 	$(BIN)/pytest
+
+# ruff (style, imports, bugbear) and mypy (strict for the store, the model and the errors).
+lint: setup
+	$(BIN)/ruff check chunkd tests benchmarks scripts
+	$(BIN)/mypy
+
+# Remove one guarantee at a time (scripts/mutants.toml) and show that the suite goes red.
+mutate: setup browser strace
+	$(BIN)/python scripts/mutate.py --markdown docs/MUTATION.md
 
 setup: $(VENV)/.installed libmagic
 
@@ -34,6 +43,10 @@ bench: setup
 # The browser test needs Debian's chromium (installed when run as root).
 browser:
 	@./scripts/install-chromium.sh
+
+# The durability test records syscalls with strace (installed when run as root).
+strace:
+	@./scripts/install-strace.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from aiohttp.test_utils import TestServer
 
 from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
-from chunkd.config import KiB, Config
+from chunkd.config import Config, KiB
 
 MEDIA = Path(__file__).parent / "media"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkd.config import GiB, MiB, Config, ConfigError, load_config
+from chunkd.config import Config, ConfigError, GiB, MiB, load_config
 
 
 def test_defaults():

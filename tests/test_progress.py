@@ -12,11 +12,19 @@ import pytest
 
 from chunkd.app import make_app
 from chunkd.config import Config
-from chunkd.keys import STORE
-from chunkd.progress import ProgressHub, Close
-from chunkd.store import FileSystemStore
 from chunkd.core.tasks import retry_task
-from conftest import store_put, MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, sha256
+from chunkd.keys import STORE
+from chunkd.progress import Close, ProgressHub
+from chunkd.store import FileSystemStore
+from conftest import (
+    MEDIA,
+    ChunkdTestServer,
+    chunks_of,
+    create_session,
+    put_chunk,
+    sha256,
+    store_put,
+)
 from whisperx_double import RESULT, WhisperXDouble
 
 SPEECH = (MEDIA / "speech.wav").read_bytes()
