@@ -319,7 +319,7 @@ class FileSystemStore:
             # check below happens under it, so a chunk counted by someone else is never written
             # again, and no write can land after finalize (which needs every chunk counted).
             await lock_range(fd, offset, length, index)
-            counted = await asyncio.to_thread(self._counted_sync, sid, index)
+            counted = await asyncio.to_thread(self._counted_sync, meta, index)
             yield FileChunkSlot(self, meta, index, writer, counted)
         finally:
             await writer.close()
@@ -330,17 +330,20 @@ class FileSystemStore:
                 del self._writing[sid]
             await asyncio.to_thread(os.close, fd)  # also releases the range lock
 
-    def _counted_sync(self, sid: str, index: int) -> str | None:
+    def _counted_sync(self, meta: SessionMeta, index: int) -> str | None:
         """Is the session still open (else raise), and is this chunk counted (its digest)?"""
-        self._check_open_for_chunks(sid)
+        sid = meta.session_id
+        self._check_open_for_chunks(sid, meta.expires_at)
         try:
             return self.layout.marker(sid, index).read_text()
         except FileNotFoundError:
             return None
 
-    def _check_open_for_chunks(self, sid: str) -> None:
+    def _check_open_for_chunks(self, sid: str, expires_at: float | None = None) -> None:
         claim = self._read_claim(sid)
         if claim is None:
+            if expires_at is not None and self.clock() > expires_at:
+                raise _gone(EndKind.EXPIRE)
             return
         if claim.kind is EndKind.FINALIZE:
             raise E.SESSION_FINALIZED(task_id=claim.task_id)
