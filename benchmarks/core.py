@@ -67,7 +67,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 CHUNK = 50 * MiB                 #: chunk size for the throughput uploads and the raw writes
-CHUNKD_WRITE_BUFFER = 512 * KiB  #: chunkd.store.filesystem.WRITE_BUFFER (replayed, not imported)
+CHUNKD_WRITE_BUFFER = 512 * KiB  #: chunkd.store.fs.ranges.WRITE_BUFFER (replayed, not imported)
 REQUEST_TIMEOUT = 120.0          #: seconds, every HTTP request
 SERVER_START_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 15.0
