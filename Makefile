@@ -42,11 +42,11 @@ bench: setup
 
 # The browser test needs Debian's chromium (installed when run as root).
 browser:
-	@./scripts/install-chromium.sh
+	@./scripts/install-tool.sh chromium chromium "the browser test"
 
 # The durability test records syscalls with strace (installed when run as root).
 strace:
-	@./scripts/install-strace.sh
+	@./scripts/install-tool.sh strace strace "the durability test"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -30,7 +30,7 @@ TRACED = "fdatasync,fsync,rename,renameat,renameat2,link,linkat"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("strace") is None and not os.environ.get("CHUNKD_REQUIRE_STRACE"),
-    reason="strace is not installed (scripts/install-strace.sh)",
+    reason="strace is not installed (make strace)",
 )
 
 
