@@ -34,6 +34,7 @@ import orjson
 from chunkd import errors as E
 from chunkd.errors import HandoffFailed
 from chunkd.handoff.base import Job, Outcome
+from chunkd.model.task import Stage
 from chunkd.store.base import Blob
 
 
@@ -124,10 +125,10 @@ class WhisperXHandoff:
             if identifier is None:
                 if not await job.claim_once("submit"):
                     raise E.SUBMISSION_INTERRUPTED.handoff()
-                await job.report("queued", 0, "Sending the file to the transcription service")
+                await job.report(Stage.QUEUED, 0, "Sending the file to the transcription service")
                 identifier = await self._submit(http, job)
                 await job.remember(identifier=identifier)
-                await job.report("queued", 0, "Queued for transcription")
+                await job.report(Stage.QUEUED, 0, "Queued for transcription")
             return await self._follow(http, job, identifier)
 
     async def _submit(self, http: aiohttp.ClientSession, job: Job) -> str:
@@ -191,8 +192,9 @@ class WhisperXHandoff:
                     error = doc.get("error") or "The transcription failed"
                     raise E.TRANSCRIPTION_FAILED.handoff(
                         body[:2000].decode("utf-8", "replace"), reason=str(error))
-                stage, pct = ("queued", 0) if state in ("queued", "pending") else ("transcribing", 10)
-                if has_progress and state not in ("queued", "pending"):
+                waiting = state in ("queued", "pending")  # the service's words
+                stage, pct = (Stage.QUEUED, 0) if waiting else (Stage.TRANSCRIBING, 10)
+                if has_progress and not waiting:
                     found = await self._progress(http, identifier, timeout)
                     if found is None:
                         has_progress = False
@@ -210,7 +212,7 @@ class WhisperXHandoff:
 
     async def _progress(
         self, http: aiohttp.ClientSession, identifier: str, timeout: aiohttp.ClientTimeout
-    ) -> tuple[str, int] | None:
+    ) -> tuple[Stage, int] | None:
         """The finer stage from ``/tasks/{id}/progress``; None when the service has no such route."""
         async with http.get(f"{self.base_url}/tasks/{identifier}/progress", timeout=timeout) as resp:
             if resp.status in (404, 405):
@@ -220,4 +222,5 @@ class WhisperXHandoff:
             doc = await resp.json(loads=orjson.loads)
         # An unknown or final stage is shown as transcribing by the journal ("complete" is said
         # once, with the result).
-        return str(doc.get("progress_stage") or "transcribing"), int(doc.get("progress_percentage") or 0)
+        stage = Stage.reported(doc.get("progress_stage") or Stage.TRANSCRIBING)
+        return stage, int(doc.get("progress_percentage") or 0)
