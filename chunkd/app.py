@@ -21,7 +21,7 @@ from chunkd.drain import Drain
 from chunkd.handoff import make_handoff
 from chunkd.keys import CONFIG, DRAIN, HUB, RUNNER, STORE
 from chunkd.progress import ProgressHub
-from chunkd.store import FileSystemStore
+from chunkd.store import FileSystemStore, SessionStore
 from chunkd.validate import warm_up
 
 #: How often each process looks for interrupted finalizes and orphaned tasks.
@@ -50,14 +50,16 @@ async def _close_sockets(app: web.Application) -> None:
     await app[HUB].close()
 
 
-def make_app(config: Config) -> web.Application:
-    """Build the app for ``config``; creates the data folder's layout if it is not there."""
+def make_app(config: Config, store: SessionStore | None = None) -> web.Application:
+    """Build the app for ``config``, on ``store`` (default: the file-system store in
+    ``config.data_dir``, whose layout is created if it is not there)."""
     drain = Drain()
     middlewares: list[Middleware] = [errors_middleware, drain.middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     app = web.Application(middlewares=middlewares)
-    store = FileSystemStore(config.data_dir, durable=config.durable)
+    if store is None:
+        store = FileSystemStore(config.data_dir, durable=config.durable)
     hub = ProgressHub(store)
     app[CONFIG] = config
     app[DRAIN] = drain

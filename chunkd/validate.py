@@ -69,6 +69,12 @@ def check_filename(value: Any, allowed: frozenset[str]) -> tuple[str, str]:
     return value, ext
 
 
+def max_chunk_size(config: Config, limits: StoreLimits) -> int:
+    """The largest chunk a session may use: the server's limit (under the proxy's body cap) or
+    the store's largest part, whichever is smaller."""
+    return min(config.max_chunk_size, limits.max_part_size)
+
+
 def check_new_session(doc: Any, config: Config, limits: StoreLimits) -> dict[str, Any]:
     """Validate a ``POST /upload/chunked/session`` body against the server's limits and the
     store's; return the store's ``create`` fields."""
@@ -84,8 +90,9 @@ def check_new_session(doc: Any, config: Config, limits: StoreLimits) -> dict[str
     chunk_size = _int_field(doc, "chunk_size", required=False)
     if chunk_size is None:
         chunk_size = config.chunk_size
-    if chunk_size > config.max_chunk_size:
-        raise E.CHUNK_SIZE_TOO_LARGE(chunk_size=chunk_size, max_chunk_size=config.max_chunk_size)
+    largest = max_chunk_size(config, limits)
+    if chunk_size > largest:
+        raise E.CHUNK_SIZE_TOO_LARGE(chunk_size=chunk_size, max_chunk_size=largest)
     if chunk_size < limits.min_part_size:
         raise E.INVALID_VALUE(field="chunk_size", rule=f"must be at least {limits.min_part_size} "
                               "bytes", min_chunk_size=limits.min_part_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import MEDIA, chunks_of, create_session, put_chunk, sha256, upload_all
+from conftest import MEDIA, chunks_of, create_session, put_chunk, session_body, sha256, upload_all
 
 ACCEPTED = ["speech.wav", "speech.mp3", "speech-noid3.mp3", "speech.m4a", "speech.aac",
             "speech.ogg", "speech.flac", "speech.webm", "speech.mp4", "speech.mkv"]
@@ -223,3 +223,31 @@ async def test_cors_for_configured_origins(aiohttp_client, tmp_path):
     denied = await client.options("/upload/chunked/session", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert denied.status == 403
+
+
+async def test_session_limits_come_from_the_store(aiohttp_client, tmp_path):
+    """A backend with other limits (S3 multipart: parts of 5 MiB or more, at most 10 000 of
+    them) gets sessions that fit it, without any change to the HTTP layer."""
+    from chunkd.app import make_app
+    from chunkd.config import Config
+    from chunkd.store import FileSystemStore, StoreLimits
+
+    class TightStore(FileSystemStore):
+        limits = StoreLimits(min_part_size=8192, max_part_size=16384, max_parts=3)
+
+    config = Config(data_dir=tmp_path / "data", chunk_size=8192)
+    client = await aiohttp_client(make_app(config, TightStore(config.data_dir)))
+    resp = await client.post("/upload/chunked/session",
+                             json=session_body("a.wav", 20000, 4096))
+    assert resp.status == 422
+    assert (await resp.json())["error"]["min_chunk_size"] == 8192
+    resp = await client.post("/upload/chunked/session",
+                             json=session_body("a.wav", 20000, 32768))
+    assert resp.status == 413
+    assert (await resp.json())["error"]["max_chunk_size"] == 16384
+    resp = await client.post("/upload/chunked/session",
+                             json=session_body("a.wav", 40000, 8192))
+    assert resp.status == 422 and (await resp.json())["error"]["code"] == "too_many_chunks"
+    resp = await client.post("/upload/chunked/session",
+                             json=session_body("a.wav", 20000, 8192))
+    assert resp.status == 201 and (await resp.json())["max_chunk_size"] == 16384

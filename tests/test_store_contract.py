@@ -41,7 +41,13 @@ from hypothesis.stateful import (
 from chunkd.errors import UNSUPPORTED_CONTENT, ChunkdError
 from chunkd.model.session import Claim, EndKind, Phase, SessionMeta
 from chunkd.model.task import Stage, Task
-from chunkd.store.base import LEASE_STALE_SECONDS, LeaseLost, RangeWriter, SessionStore
+from chunkd.store.base import (
+    LEASE_STALE_SECONDS,
+    LeaseLost,
+    Movable,
+    RangeWriter,
+    SessionStore,
+)
 
 Clock = Callable[[], float]
 OpenStore = Callable[..., SessionStore]
@@ -121,13 +127,20 @@ async def create(store: SessionStore, total_size: int, chunk_size: int, *, ttl: 
     return meta
 
 
+#: Pieces per range at most (the last one takes the rest): bounded work for big chunks, also
+#: while Hypothesis shrinks piece sizes towards 1 byte.
+MAX_PIECES = 64
+
+
 async def write_range(writer: RangeWriter, body: bytes, via: str, pieces: list[int]) -> None:
     """Write ``body`` in pieces of the given sizes (cycled): handed over with ``write``, or copied
     into the buffers the writer lends (``buffer`` + ``filled``)."""
     pos = 0
     turn = 0
     while pos < len(body):
-        n = min(pieces[turn % len(pieces)], len(body) - pos)
+        n = len(body) - pos
+        if turn < MAX_PIECES - 1:
+            n = min(pieces[turn % len(pieces)], n)
         turn += 1
         if via == "write":
             await writer.write(body[pos:pos + n])
@@ -160,14 +173,16 @@ async def put_all(store: SessionStore, meta: SessionMeta, data: bytes) -> None:
         await put_good(store, meta, data, index)
 
 
-async def finalized(store: SessionStore, size: int = 100) -> tuple[SessionMeta, Claim]:
-    """A whole session whose finalize was claimed."""
+async def finalized(store: SessionStore, size: int = 100
+                    ) -> tuple[SessionMeta, Claim, bytes]:
+    """A whole session whose finalize was claimed, and its bytes."""
     chunk = max(store.limits.min_part_size, 40)
     meta = await create(store, max(size, chunk + 1), chunk)
-    await put_all(store, meta, random.Random(5).randbytes(meta.total_size))
+    data = random.Random(5).randbytes(meta.total_size)
+    await put_all(store, meta, data)
     claim = await store.claim_end(meta.session_id, EndKind.FINALIZE)
     assert claim.won and claim.task_id
-    return meta, claim
+    return meta, claim, data
 
 
 def _claim_key(claim: Claim | None) -> tuple[EndKind, str | None] | None:
@@ -213,8 +228,9 @@ pieces_st = st.lists(st.one_of(st.integers(1, 4096), st.integers(4097, 1 << 19))
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """One backing storage per example; ``self.store`` is the current instance (``reopen`` swaps
-    in a new one, as a restart would)."""
+    """One backing storage per example, shared by two live store instances (two processes, in
+    effect): the rules use the current one (``switch`` changes it, ``reopen`` replaces it with a
+    new instance, as a restart would) and the invariant is checked through both."""
 
     sessions = Bundle("sessions")
 
@@ -223,9 +239,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.durable = True
         self.open_store = factory.fresh()
-        self.store = self.open_store()
+        self.stores = [self.open_store(), self.open_store()]
+        self.current = 0
         self.model: dict[str, ModelSession] = {}
         self.unknown = str(uuid.uuid4())
+
+    @property
+    def store(self) -> SessionStore:
+        return self.stores[self.current]
 
     def run(self, aw: Any) -> Any:
         return self.loop.run_until_complete(aw)
@@ -290,7 +311,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen(self) -> None:
-        self.store = self.open_store()
+        self.stores[self.current] = self.open_store()
+
+    @rule()
+    def switch(self) -> None:
+        self.current = 1 - self.current
 
     @rule(sid=sessions)
     def finalize(self, sid: str) -> None:
@@ -357,10 +382,10 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def agrees_with_the_model(self) -> None:
-        self.run(self._agrees())
+        for store in self.stores:
+            self.run(self._agrees(store))
 
-    async def _agrees(self) -> None:
-        store = self.store
+    async def _agrees(self, store: SessionStore) -> None:
         for sid, s in self.model.items():
             assert await store.resolve(sid) == sid
             if s.claim is not None and s.claim.kind == EndKind.FINALIZE:
@@ -385,7 +410,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert state.claim is None
             else:
                 assert state.claim is not None
-                assert (state.claim.kind, state.claim.task_id) == (s.claim.kind, s.claim.task_id)
+                assert (state.claim.kind, state.claim.task_id, state.claim.claimed_at) == (
+                    s.claim.kind, s.claim.task_id, s.claim.claimed_at)
                 assert state.task_id == s.claim.task_id
             assert state.task is None and state.failure is None
             assert state.writing is False, "no chunk is being written between steps"
@@ -537,7 +563,7 @@ async def test_one_claim_wins_a_race_of_instances(store_factory: StoreFactory) -
 
 async def test_claim_once_is_true_once_across_instances(store_factory: StoreFactory) -> None:
     a, b = store_factory(), store_factory()
-    meta, _ = await finalized(a)
+    meta, _, _ = await finalized(a)
     sid = meta.session_id
     assert await a.claim_once(sid, "submit") is True
     assert await b.claim_once(sid, "submit") is False
@@ -556,7 +582,7 @@ async def test_claim_once_is_true_once_across_instances(store_factory: StoreFact
 
 async def test_leases_one_driver_and_takeover(store_factory: StoreFactory) -> None:
     a, b = store_factory(), store_factory()
-    meta, claim = await finalized(a)
+    meta, claim, _ = await finalized(a)
     sid = meta.session_id
     assert claim.task_id is not None
     task = Task.queued(claim.task_id, sid, "command", "audio/wav", time.time())
@@ -589,7 +615,7 @@ async def test_leases_one_driver_and_takeover(store_factory: StoreFactory) -> No
 
 async def test_task_record_round_trip(store_factory: StoreFactory) -> None:
     store = store_factory()
-    meta, claim = await finalized(store)
+    meta, claim, _ = await finalized(store)
     sid = meta.session_id
     assert claim.task_id is not None
     lease = await store.acquire(sid)
@@ -622,7 +648,7 @@ async def test_task_record_round_trip(store_factory: StoreFactory) -> None:
 
 async def test_record_failure_keeps_why_and_drops_the_bytes(store_factory: StoreFactory) -> None:
     store = store_factory()
-    meta, _ = await finalized(store)
+    meta, _, _ = await finalized(store)
     sid = meta.session_id
     assert await store.blob(sid) is not None
     error = UNSUPPORTED_CONTENT(detected_type="text/plain")
@@ -720,3 +746,21 @@ async def test_a_session_past_its_ttl_takes_no_chunks(store_factory: StoreFactor
             await slot.count(None)
     assert (raised.value.status, raised.value.code) == (410, "session_expired")
     assert (await store.state(meta.session_id)).received == frozenset()
+
+
+async def test_a_movable_blob_moves_once_and_is_gone(store_factory: StoreFactory,
+                                                    tmp_path: Path) -> None:
+    """A blob that can be moved (same file system) is moved whole, idempotently, and the session
+    has no blob afterwards; any blob streams the whole file."""
+    store = store_factory()
+    meta, _, data = await finalized(store, size=5000)
+    blob = await store.blob(meta.session_id)
+    assert blob is not None
+    assert b"".join([part async for part in blob.stream(999)]) == data
+    if isinstance(blob, Movable):
+        target = tmp_path / "moved.wav"
+        await blob.move_to(target)
+        await blob.move_to(target)  # again, as after a crash: done already
+        assert target.read_bytes() == data
+        assert await store.blob(meta.session_id) is None
+        assert await store_factory().blob(meta.session_id) is None

@@ -19,7 +19,7 @@ from chunkd.core import uploads
 from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.keys import CONFIG, HUB, RUNNER, STORE
 from chunkd.model.session import Phase, SessionState
-from chunkd.validate import check_new_session
+from chunkd.validate import check_new_session, max_chunk_size
 
 _CHECKSUM = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
@@ -62,7 +62,7 @@ async def create_session(request: web.Request) -> web.Response:
             "chunk_size": meta.chunk_size,
             "total_chunks": meta.total_chunks,
             "total_size": meta.total_size,
-            "max_chunk_size": config.max_chunk_size,
+            "max_chunk_size": max_chunk_size(config, store.limits),
             "expires_at": iso(meta.expires_at),
             "status": Phase.UPLOADING.value,
         },

@@ -50,6 +50,7 @@ class StoreLimits:
     needs parts of at least 5 MiB and at most 10 000 of them)."""
 
     min_part_size: int
+    max_part_size: int
     max_parts: int
 
 

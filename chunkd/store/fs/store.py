@@ -38,6 +38,8 @@ log = logging.getLogger("chunkd.store")
 
 #: Smallest chunk (and so most marker files per byte) this store accepts.
 MIN_CHUNK_SIZE = 1024
+#: Largest chunk: one pwrite range, no limit of its own that matters (the proxy's is far lower).
+MAX_CHUNK_SIZE = 1 << 40
 #: Most chunks per session: one marker file each.
 MAX_CHUNKS = 100_000
 #: Half-created sessions (``.new-*``) older than this are debris from a crash.
@@ -110,7 +112,8 @@ class FileBlob:
 class FileSystemStore:
     """A :class:`~chunkd.store.base.SessionStore` on a local (or shared POSIX) file system."""
 
-    limits = StoreLimits(min_part_size=MIN_CHUNK_SIZE, max_parts=MAX_CHUNKS)
+    limits = StoreLimits(min_part_size=MIN_CHUNK_SIZE, max_part_size=MAX_CHUNK_SIZE,
+                         max_parts=MAX_CHUNKS)
 
     def __init__(self, root: Path, *, durable: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
