@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import orjson
@@ -202,6 +205,28 @@ async def test_healthz(client):
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert (await resp.json())["status"] == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                    reason="needs root to mount a read-only file system")
+async def test_healthz_on_a_read_only_data_dir_is_503(aiohttp_client, tmp_path):
+    """A load balancer must stop sending uploads to an instance whose disk went read-only."""
+    from chunkd.app import make_app
+    from chunkd.config import Config
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        client = await aiohttp_client(make_app(Config(data_dir=mnt / "data")))
+        assert (await client.get("/healthz")).status == 200
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        resp = await client.get("/healthz")
+        assert resp.status == 503
+        assert (await resp.json())["status"] == "data_dir_not_writable"
+        await client.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_cors_for_configured_origins(aiohttp_client, tmp_path):

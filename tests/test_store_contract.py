@@ -9,8 +9,9 @@
                           claims, removals, restarts, blob reads, scans and purges, checked
                           after every step against a plain in-memory model
     test_*                what a sequential machine expresses poorly: concurrent writers of one
-                          chunk, races for a claim, once-claims and leases across instances,
-                          task records, refused files
+                          chunk, races for a claim, a chunk counted after its session ended,
+                          once-claims and leases across instances (and a clock 31 s ahead),
+                          task records, refused files, expiry by ttl, big chunks, moving a blob
 
 A second backend joins by adding an entry to ``BACKENDS``; nothing else here changes.
 """
@@ -75,6 +76,9 @@ BACKENDS: dict[str, Callable[[pytest.TempPathFactory], OpenStore]] = {"fs": _fs_
 class StoreFactory:
     """Opens store instances on one backing storage: ``factory()`` (optionally with a ``clock``)
     is another instance on the same data, as after a restart or in another process."""
+
+    #: The stores are opened in durable mode: a committed range is on stable storage.
+    durable = True
 
     def __init__(self, new_storage: Callable[[], OpenStore]) -> None:
         self._new_storage = new_storage
@@ -237,7 +241,7 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self, factory: StoreFactory) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.durable = True
+        self.durable = factory.durable
         self.open_store = factory.fresh()
         self.stores = [self.open_store(), self.open_store()]
         self.current = 0
@@ -483,6 +487,13 @@ class StoreMachine(RuleBasedStateMachine):
             s.received.add(index)
             s.digests[index] = stored or ""
             assert counted == frozenset(s.received)
+        other = self.stores[1 - self.current]  # another process sees it counted, at once
+        async with other.open_chunk(meta, index, hashed=hashed) as again:
+            assert again.counted == s.digests[index]
+        if s.complete:  # the last chunk came: the file is whole, every byte where it belongs
+            blob = await self.store.blob(meta.session_id)
+            assert blob is not None, "a whole session has its blob"
+            assert await blob.read(0, blob.size) == s.data
 
     async def _read_blob(self, s: ModelSession, cut: int, piece: int) -> None:
         blob = await self.store.blob(s.meta.session_id)
