@@ -6,8 +6,9 @@
                           second chunkd process); ``fresh()`` gives brand-new backing storage
     StoreMachine          Hypothesis state machine: random creates, chunk puts (good, short, long,
                           corrupt, repeated; bytes handed over or written into lent buffers),
-                          claims, removals, restarts, blob reads, scans and purges, checked
-                          after every step against a plain in-memory model
+                          claims, removals, restarts, blob reads and purges, through two store
+                          instances at once; after every step both agree with a plain
+                          in-memory model (get, state, resolve, scan)
     test_*                what a sequential machine expresses poorly: concurrent writers of one
                           chunk, races for a claim, a chunk counted after its session ended,
                           once-claims and leases across instances (and a clock 31 s ahead),
@@ -113,6 +114,11 @@ FILENAMES = [("rec.wav", "wav"), ("Aufnahme äöü 1.mp3", "mp3"), ("a.b.flac", 
 TASK_PARAMS: list[dict[str, Any]] = [{}, {"diarize": True, "speakers": 2, "prompt": "ß"}]
 
 
+def part_size(store: SessionStore, wanted: int) -> int:
+    """``wanted``, within the parts the backend takes."""
+    return min(max(wanted, store.limits.min_part_size, 1), store.limits.max_part_size)
+
+
 async def create(store: SessionStore, total_size: int, chunk_size: int, *, ttl: float = 3600,
                  filename: tuple[str, str] = FILENAMES[0], language: str | None = None,
                  model: str | None = None, task_params: dict[str, Any] | None = None
@@ -131,8 +137,8 @@ async def create(store: SessionStore, total_size: int, chunk_size: int, *, ttl: 
     return meta
 
 
-#: Pieces per range at most (the last one takes the rest): bounded work for big chunks, also
-#: while Hypothesis shrinks piece sizes towards 1 byte.
+#: Pieces per range (or blob stream) at most (the last one takes the rest): bounded work for big
+#: chunks, also while Hypothesis shrinks piece sizes towards 1 byte.
 MAX_PIECES = 64
 
 
@@ -180,7 +186,7 @@ async def put_all(store: SessionStore, meta: SessionMeta, data: bytes) -> None:
 async def finalized(store: SessionStore, size: int = 100
                     ) -> tuple[SessionMeta, Claim, bytes]:
     """A whole session whose finalize was claimed, and its bytes."""
-    chunk = max(store.limits.min_part_size, 40)
+    chunk = part_size(store, 40)
     meta = await create(store, max(size, chunk + 1), chunk)
     data = random.Random(5).randbytes(meta.total_size)
     await put_all(store, meta, data)
@@ -271,10 +277,10 @@ class StoreMachine(RuleBasedStateMachine):
     def create(self, extra: int, chunks: int, tail: int, seed: int, filename: tuple[str, str],
                language: str | None, model: str | None, params: dict[str, Any]) -> str:
         limits = self.store.limits
-        chunk_size = max(1, limits.min_part_size) + extra
+        chunk = part_size(self.store, limits.min_part_size + extra)
         chunks = min(chunks, limits.max_parts)
-        total_size = (chunks - 1) * chunk_size + 1 + tail % chunk_size
-        meta = self.run(create(self.store, total_size, chunk_size, filename=filename,
+        total_size = (chunks - 1) * chunk + 1 + tail % chunk
+        meta = self.run(create(self.store, total_size, chunk, filename=filename,
                                language=language, model=model, task_params=params))
         sid = meta.session_id
         assert sid not in self.model and sid not in self._task_ids()
@@ -366,21 +372,11 @@ class StoreMachine(RuleBasedStateMachine):
         event("blob read")
         self.run(self._read_blob(s, cut, piece))
 
-    @rule(purge=st.booleans())
-    def scan(self, purge: bool) -> None:
-        """Every session not removed is listed, claimed ones included; housekeeping now (or
-        not) changes nothing a caller sees (tombstones and task ids are younger than a week)."""
-        if purge:
-            self.run(self.store.purge(time.time()))
-        states = self.run(self.store.scan())
-        by_id = {state.meta.session_id: state for state in states}
-        assert len(by_id) == len(states), "scan lists a session twice"
-        assert set(by_id) == {sid for sid, s in self.model.items() if not s.removed}
-        for sid, state in by_id.items():
-            s = self.model[sid]
-            assert state.meta == s.meta
-            assert state.received == frozenset(s.received)
-            assert _claim_key(state.claim) == _claim_key(s.claim)
+    @rule()
+    def purge(self) -> None:
+        """Housekeeping now changes nothing a caller sees (tombstones and task ids are younger
+        than a week)."""
+        self.run(self.store.purge(time.time()))
 
     # -- the invariant ---------------------------------------------------------------------------
 
@@ -419,6 +415,16 @@ class StoreMachine(RuleBasedStateMachine):
                 assert state.task_id == s.claim.task_id
             assert state.task is None and state.failure is None
             assert state.writing is False, "no chunk is being written between steps"
+        # scan: every session not removed, claimed ones included
+        states = await store.scan()
+        by_id = {state.meta.session_id: state for state in states}
+        assert len(by_id) == len(states), "scan lists a session twice"
+        assert set(by_id) == {sid for sid, s in self.model.items() if not s.removed}
+        for sid, state in by_id.items():
+            s = self.model[sid]
+            assert state.meta == s.meta
+            assert state.received == frozenset(s.received)
+            assert _claim_key(state.claim) == _claim_key(s.claim)
         with pytest.raises(ChunkdError) as raised:
             await store.get(self.unknown)
         assert (raised.value.status, raised.value.code) == (404, "session_not_found")
@@ -494,6 +500,10 @@ class StoreMachine(RuleBasedStateMachine):
             blob = await self.store.blob(meta.session_id)
             assert blob is not None, "a whole session has its blob"
             assert await blob.read(0, blob.size) == s.data
+            piece = max(pieces[0], blob.size // MAX_PIECES + 1)
+            parts = [part async for part in blob.stream(piece)]
+            assert all(0 < len(part) <= piece for part in parts)
+            assert b"".join(parts) == s.data
 
     async def _read_blob(self, s: ModelSession, cut: int, piece: int) -> None:
         blob = await self.store.blob(s.meta.session_id)
@@ -503,6 +513,7 @@ class StoreMachine(RuleBasedStateMachine):
         offset = cut % blob.size
         n = 1 + (cut // 7) % (blob.size - offset)
         assert await blob.read(offset, n) == s.data[offset:offset + n]
+        piece = max(piece, blob.size // MAX_PIECES + 1)
         parts = [part async for part in blob.stream(piece)]
         assert all(0 < len(part) <= piece for part in parts)
         assert b"".join(parts) == s.data
@@ -527,9 +538,11 @@ def test_store_agrees_with_a_model(store_factory: StoreFactory) -> None:
 async def test_a_second_writer_of_a_chunk_waits_for_the_first(
     store_factory: StoreFactory, second_instance: bool
 ) -> None:
+    """One holder per chunk (through the same instance or another one): the second waits, then
+    finds the chunk counted with the first one's digest; another chunk is not held up."""
     store = store_factory()
     other = store_factory() if second_instance else store
-    chunk = max(store.limits.min_part_size, 64)
+    chunk = part_size(store, 64)
     meta = await create(store, 2 * chunk, chunk)
     data = random.Random(1).randbytes(meta.total_size)
     seen: list[str | None] = []
@@ -560,7 +573,7 @@ async def test_a_second_writer_of_a_chunk_waits_for_the_first(
 
 async def test_one_claim_wins_a_race_of_instances(store_factory: StoreFactory) -> None:
     stores = [store_factory() for _ in range(6)]
-    meta = await create(stores[0], 10, max(stores[0].limits.min_part_size, 10))
+    meta = await create(stores[0], 10, part_size(stores[0], 10))
     kinds = [EndKind.FINALIZE, EndKind.ABORT, EndKind.EXPIRE] * 2
     claims = await asyncio.gather(*(s.claim_end(meta.session_id, k)
                                      for s, k in zip(stores, kinds, strict=True)))
@@ -592,6 +605,8 @@ async def test_claim_once_is_true_once_across_instances(store_factory: StoreFact
 
 
 async def test_leases_one_driver_and_takeover(store_factory: StoreFactory) -> None:
+    """One live lease; a released one is taken at once, a silent one by a clock 31 s ahead, and
+    the old holder's renew and writes fail from then on."""
     a, b = store_factory(), store_factory()
     meta, claim, _ = await finalized(a)
     sid = meta.session_id
@@ -695,7 +710,7 @@ async def test_unknown_and_malformed_ids(store_factory: StoreFactory) -> None:
 async def test_big_chunks_in_odd_pieces(store_factory: StoreFactory, via: str) -> None:
     """Chunks of megabytes (more than any sane internal batch), written in uneven pieces."""
     store = store_factory()
-    chunk = max(store.limits.min_part_size, (3 << 20) + 17)
+    chunk = part_size(store, (3 << 20) + 17)
     meta = await create(store, 2 * chunk - 1000, chunk)
     data = random.Random(7).randbytes(meta.total_size)
     for index in range(meta.total_chunks):
@@ -718,7 +733,7 @@ async def test_count_fails_when_the_session_ended_meanwhile(store_factory: Store
     """The end is claimed (or the session removed) by another instance while a chunk is being
     written: counting it then fails, and it is not counted."""
     store, other = store_factory(), store_factory()
-    chunk = max(store.limits.min_part_size, 64)
+    chunk = part_size(store, 64)
     meta = await create(store, 2 * chunk, chunk)
     sid = meta.session_id
     async with store.open_chunk(meta, 0, hashed=True) as slot:
@@ -743,7 +758,7 @@ async def test_a_session_past_its_ttl_takes_no_chunks(store_factory: StoreFactor
     ``session_expired`` before any sweeper claimed the end, and ``open_chunk`` says the same
     (its contract: "404/410 as Sessions.get")."""
     store = store_factory()
-    chunk = max(store.limits.min_part_size, 64)
+    chunk = part_size(store, 64)
     meta = await create(store, 2 * chunk, chunk, ttl=60)
     late = store_factory(clock=lambda: time.time() + 120)
     for call in (late.get, late.state):
@@ -767,7 +782,8 @@ async def test_a_movable_blob_moves_once_and_is_gone(store_factory: StoreFactory
     meta, _, data = await finalized(store, size=5000)
     blob = await store.blob(meta.session_id)
     assert blob is not None
-    assert b"".join([part async for part in blob.stream(999)]) == data
+    parts = [part async for part in blob.stream(999)]
+    assert all(0 < len(part) <= 999 for part in parts) and b"".join(parts) == data
     if isinstance(blob, Movable):
         target = tmp_path / "moved.wav"
         await blob.move_to(target)
@@ -775,3 +791,25 @@ async def test_a_movable_blob_moves_once_and_is_gone(store_factory: StoreFactory
         assert target.read_bytes() == data
         assert await store.blob(meta.session_id) is None
         assert await store_factory().blob(meta.session_id) is None
+
+
+async def test_housekeeping_keeps_what_is_still_in_use(store_factory: StoreFactory) -> None:
+    """A purge a week later keeps a live session's task id resolvable; removing an id that
+    never existed leaves it unknown (404, not 410); metadata is a copy of what was given."""
+    store = store_factory()
+    params: dict[str, Any] = {"a": [1]}
+    meta = await create(store, 100, part_size(store, 100), task_params=params)
+    params["a"].append(2)
+    assert (await store.get(meta.session_id)).task_params == {"a": [1]}
+    claim = await store.claim_end(meta.session_id, EndKind.FINALIZE)
+    assert claim.task_id is not None
+    await store.purge(time.time() + 8 * 86400)
+    assert await store.resolve(claim.task_id) == meta.session_id
+    unknown = str(uuid.uuid4())
+    await store.remove(unknown, EndKind.ABORT)
+    with pytest.raises(ChunkdError) as raised:
+        await store.get(unknown)
+    assert raised.value.status == 404
+    with pytest.raises(ChunkdError) as raised:
+        await store.claim_once(unknown, "submit")
+    assert raised.value.status == 404

@@ -138,6 +138,8 @@ class FileSystemStore:
 
     async def create(self, *, ttl: float, **fields: Any) -> SessionMeta:
         now = self.clock()
+        # A deep copy of what the caller gave: the metadata never changes afterwards.
+        fields = orjson.loads(orjson.dumps(fields))
         meta = SessionMeta(session_id=str(uuid.uuid4()), created_at=now, expires_at=now + ttl,
                            **fields)
         await asyncio.to_thread(self._create_sync, meta)
@@ -274,12 +276,16 @@ class FileSystemStore:
 
     def _remove_sync(self, sid: str, reason: EndKind) -> None:
         """Tombstone first, then one rename out of ``sessions/``, then delete at leisure."""
+        if not self.layout.session(sid).is_dir():
+            return  # never existed, or removed already (its tombstone is there then)
         write_json_atomic(self.layout.tombstone(sid), {"reason": reason.value, "at": self.clock()})
+        self._sync_dir(self.layout.gone)
         target = self.layout.trash / f"{sid}.{uuid.uuid4().hex}"
         try:
             os.rename(self.layout.session(sid), target)
         except FileNotFoundError:
             return
+        self._sync_dir(self.layout.sessions)
         self._meta_cache.pop(sid, None)
         shutil.rmtree(target, ignore_errors=True)
 
@@ -295,10 +301,17 @@ class FileSystemStore:
             for folder in (self.layout.gone, self.layout.tasks):
                 for entry in os.scandir(folder):
                     with contextlib.suppress(FileNotFoundError):
-                        if entry.stat().st_mtime < now - TOMBSTONE_SECONDS:
+                        if entry.stat().st_mtime < now - TOMBSTONE_SECONDS and not (
+                            folder == self.layout.tasks and self._task_session_exists(entry.path)
+                        ):
                             os.unlink(entry.path)
 
         await asyncio.to_thread(run)
+
+    def _task_session_exists(self, index: str) -> bool:
+        """A task id stays resolvable for as long as its session exists."""
+        sid = Path(index).read_text().strip()
+        return is_session_id(sid) and self.layout.session(sid).is_dir()
 
     async def healthy(self) -> bool:
         return await asyncio.to_thread(os.access, self.layout.sessions, os.W_OK)
@@ -389,7 +402,7 @@ class FileSystemStore:
         index = self.layout.task_index(task_id) if task_id is not None else None
         try:
             if index is not None:  # before the claim, so a task id is always resolvable
-                index.write_text(sid)
+                write_text_durably(index, sid, self.durable)
                 self._sync_dir(index.parent)
             try:
                 os.link(tmp, self.layout.claim(sid))  # fails with EEXIST when someone else won
@@ -429,6 +442,8 @@ class FileSystemStore:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
+            except FileNotFoundError:
+                raise self._missing(session_id) from None
             os.close(fd)
             self._sync_dir(path.parent)
             return True
@@ -447,6 +462,8 @@ class FileSystemStore:
     # -- task records ------------------------------------------------------------------------
 
     def _write_under(self, lease: Lease, path: Path, doc: Any) -> None:
+        if path.parent != self.layout.session(lease.session_id):
+            raise ValueError("a lease only covers its own session's records")
         if not self._leases.holds(lease):
             raise LeaseLost(f"session {lease.session_id}, lease {lease.token}")
         write_json_atomic(path, doc)
@@ -487,6 +504,14 @@ class FileSystemStore:
         except FileNotFoundError:
             return None
         return FileBlob(path, size, self.durable)
+
+
+def write_text_durably(path: Path, text: str, durable: bool) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _gone(kind: EndKind) -> ChunkdError:
