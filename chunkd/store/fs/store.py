@@ -79,11 +79,11 @@ class FileBlob:
         self.size = size
 
     async def read(self, offset: int, n: int) -> bytes:
-        def run() -> bytes:
-            with open(self._path, "rb") as f:
-                return os.pread(f.fileno(), n, offset)
+        return await asyncio.to_thread(self._read_sync, offset, n)
 
-        return await asyncio.to_thread(run)
+    def _read_sync(self, offset: int, n: int) -> bytes:
+        with open(self._path, "rb") as f:
+            return os.pread(f.fileno(), n, offset)
 
     async def stream(self, piece: int = 1024 * 1024) -> AsyncIterator[bytes]:
         f = await asyncio.to_thread(open, self._path, "rb")
@@ -97,16 +97,16 @@ class FileBlob:
         return self._path
 
     async def move_to(self, target: Path) -> None:
-        def run() -> None:
-            try:
-                os.rename(self._path, target)
-            except FileNotFoundError:
-                if not target.exists():  # not an earlier try of this same move
-                    raise
-            if self._durable:
-                fsync_dir(target.parent)  # the rename itself must survive a power cut
+        await asyncio.to_thread(self._move_to_sync, target)
 
-        await asyncio.to_thread(run)
+    def _move_to_sync(self, target: Path) -> None:
+        try:
+            os.rename(self._path, target)
+        except FileNotFoundError:
+            if not target.exists():  # not an earlier try of this same move
+                raise
+        if self._durable:
+            fsync_dir(target.parent)  # the rename itself must survive a power cut
 
 
 class FileSystemStore:
@@ -242,11 +242,11 @@ class FileSystemStore:
         )
 
     async def state(self, session_id: str) -> SessionState:
-        def run() -> SessionState:
-            self._get_sync(session_id)
-            return self._read_state(session_id)
+        return await asyncio.to_thread(self._state_sync, session_id)
 
-        return await asyncio.to_thread(run)
+    def _state_sync(self, session_id: str) -> SessionState:
+        self._get_sync(session_id)
+        return self._read_state(session_id)
 
     async def resolve(self, any_id: str) -> str:
         if not is_session_id(any_id):
@@ -258,18 +258,18 @@ class FileSystemStore:
         return sid if is_session_id(sid) else any_id
 
     async def scan(self) -> list[SessionState]:
-        def run() -> list[SessionState]:
-            out = []
-            for entry in os.scandir(self.layout.sessions):
-                if not is_session_id(entry.name):
-                    continue
-                try:
-                    out.append(self._read_state(entry.name))
-                except (ChunkdError, ValueError, KeyError, TypeError, OSError) as exc:
-                    log.warning("skipping session %s: %r", entry.name, exc)
-            return out
+        return await asyncio.to_thread(self._scan_sync)
 
-        return await asyncio.to_thread(run)
+    def _scan_sync(self) -> list[SessionState]:
+        out = []
+        for entry in os.scandir(self.layout.sessions):
+            if not is_session_id(entry.name):
+                continue
+            try:
+                out.append(self._read_state(entry.name))
+            except (ChunkdError, ValueError, KeyError, TypeError, OSError) as exc:
+                log.warning("skipping session %s: %r", entry.name, exc)
+        return out
 
     async def remove(self, session_id: str, reason: EndKind) -> None:
         await asyncio.to_thread(self._remove_sync, session_id, reason)
@@ -290,23 +290,23 @@ class FileSystemStore:
         shutil.rmtree(target, ignore_errors=True)
 
     async def purge(self, now: float) -> None:
-        def run() -> None:
-            for entry in os.scandir(self.layout.sessions):
-                if Layout.is_staging(entry.name) and (
-                    now - entry.stat().st_mtime > STAGING_DEBRIS_SECONDS
-                ):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-            for entry in os.scandir(self.layout.trash):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            for folder in (self.layout.gone, self.layout.tasks):
-                for entry in os.scandir(folder):
-                    with contextlib.suppress(FileNotFoundError):
-                        if entry.stat().st_mtime < now - TOMBSTONE_SECONDS and not (
-                            folder == self.layout.tasks and self._task_session_exists(entry.path)
-                        ):
-                            os.unlink(entry.path)
+        await asyncio.to_thread(self._purge_sync, now)
 
-        await asyncio.to_thread(run)
+    def _purge_sync(self, now: float) -> None:
+        for entry in os.scandir(self.layout.sessions):
+            if Layout.is_staging(entry.name) and (
+                now - entry.stat().st_mtime > STAGING_DEBRIS_SECONDS
+            ):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        for entry in os.scandir(self.layout.trash):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        for folder in (self.layout.gone, self.layout.tasks):
+            for entry in os.scandir(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < now - TOMBSTONE_SECONDS and not (
+                        folder == self.layout.tasks and self._task_session_exists(entry.path)
+                    ):
+                        os.unlink(entry.path)
 
     def _task_session_exists(self, index: str) -> bool:
         """A task id stays resolvable for as long as its session exists."""
@@ -423,11 +423,11 @@ class FileSystemStore:
     # -- leases and one-time claims ----------------------------------------------------------
 
     async def acquire(self, session_id: str) -> Lease | None:
-        def run() -> Lease | None:
-            self._meta(session_id)  # unknown or removed: a clear error
-            return self._leases.acquire(session_id)
+        return await asyncio.to_thread(self._acquire_sync, session_id)
 
-        return await asyncio.to_thread(run)
+    def _acquire_sync(self, session_id: str) -> Lease | None:
+        self._meta(session_id)  # unknown or removed: a clear error
+        return self._leases.acquire(session_id)
 
     async def renew(self, lease: Lease) -> bool:
         return await asyncio.to_thread(self._leases.renew, lease)
@@ -436,28 +436,28 @@ class FileSystemStore:
         await asyncio.to_thread(self._leases.release, lease)
 
     async def claim_once(self, session_id: str, name: str) -> bool:
-        def run() -> bool:
-            path = self.layout.once(session_id, name)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            except FileNotFoundError:
-                raise self._missing(session_id) from None
-            os.close(fd)
-            self._sync_dir(path.parent)
-            return True
+        return await asyncio.to_thread(self._claim_once_sync, session_id, name)
 
-        return await asyncio.to_thread(run)
+    def _claim_once_sync(self, session_id: str, name: str) -> bool:
+        path = self.layout.once(session_id, name)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            raise self._missing(session_id) from None
+        os.close(fd)
+        self._sync_dir(path.parent)
+        return True
 
     async def release_once(self, session_id: str, name: str) -> None:
-        def run() -> None:
-            src = self.layout.once(session_id, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(src, src.with_name(f"{src.name}.{time.time_ns()}"))
-                self._sync_dir(src.parent)
+        await asyncio.to_thread(self._release_once_sync, session_id, name)
 
-        await asyncio.to_thread(run)
+    def _release_once_sync(self, session_id: str, name: str) -> None:
+        src = self.layout.once(session_id, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(src, src.with_name(f"{src.name}.{time.time_ns()}"))
+            self._sync_dir(src.parent)
 
     # -- task records ------------------------------------------------------------------------
 
@@ -477,23 +477,23 @@ class FileSystemStore:
         await asyncio.to_thread(self._write_under, lease, self.layout.result(session_id), result)
 
     async def read_result(self, session_id: str) -> Any:
-        def run() -> Any:
-            try:
-                return orjson.loads(self.layout.result(session_id).read_bytes())
-            except FileNotFoundError:
-                return None
+        return await asyncio.to_thread(self._read_result_sync, session_id)
 
-        return await asyncio.to_thread(run)
+    def _read_result_sync(self, session_id: str) -> Any:
+        try:
+            return orjson.loads(self.layout.result(session_id).read_bytes())
+        except FileNotFoundError:
+            return None
 
     async def record_failure(self, session_id: str, error: ChunkdError) -> None:
-        def run() -> None:
-            path = self.layout.failure(session_id)
-            write_json_atomic(path, error.to_record())
-            self._sync_dir(path.parent)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.layout.data(session_id))
+        await asyncio.to_thread(self._record_failure_sync, session_id, error)
 
-        await asyncio.to_thread(run)
+    def _record_failure_sync(self, session_id: str, error: ChunkdError) -> None:
+        path = self.layout.failure(session_id)
+        write_json_atomic(path, error.to_record())
+        self._sync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.data(session_id))
 
     # -- the finished file -------------------------------------------------------------------
 
