@@ -23,7 +23,6 @@ class FileSource:
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(f"{path} is not a regular file")
         self.size = st.st_size
-        self.mtime_ns = st.st_mtime_ns
         self.name = name or self.path.name
         #: What identifies this version of the file: a resume must be into the same bytes.
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
