@@ -146,3 +146,29 @@ async def test_a_failed_handoff_is_failed_in_status(aiohttp_client, tmp_path):
     doc = await _finished_status(client, sid)
     assert doc["status"] == "failed"
     assert doc["error"]["code"] == "command_failed" and "status 4" in doc["error"]["message"]
+
+
+async def test_chunkd_retry_frees_the_handoffs_once_claims(aiohttp_client, tmp_path):
+    """`chunkd retry` (a separate process) queues a failed task again and frees the hand-off's
+    one-time claim, so the command runs once more and the running server finishes it."""
+    ok = tmp_path / "ok"
+    script = tmp_path / "flaky.py"
+    script.write_text(f"import os, sys\nsys.exit(0 if os.path.exists({str(ok)!r}) else 3)\n")
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="command",
+                                 handoff_command=f"{sys.executable} {script}")
+    sid = await upload_all(client, "speech.ogg", OGG, 4096)
+    first = await _finished_status(client, sid)
+    assert first["status"] == "failed" and first["error"]["code"] == "command_failed"
+    ok.write_text("")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chunkd", "retry", first["task_id"],
+        "--data-dir", str(tmp_path / "data"), stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"attempt 2" in out, out
+    for _ in range(300):  # recovery adopts it within its 5 s rescan
+        doc = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+        if doc["status"] in ("completed", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert doc["status"] == "completed", doc
+    assert doc["task"]["attempt"] == 2
