@@ -1,4 +1,4 @@
-"""Small file helpers shared by the store and the hand-offs: atomic JSON files."""
+"""Small file helpers shared by the store and the hand-offs: atomic JSON files, durable writes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def write_json_atomic(path: Path, doc: dict[str, Any], *, durable: bool = True) 
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def write_text_durably(path: Path, text: str, durable: bool = True) -> None:
+    """Write ``text`` to ``path`` in place (for a file nobody reads before it is complete),
+    fsynced when ``durable``."""
+    with open(path, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -32,11 +32,10 @@ def error_response(exc: ChunkdError) -> web.Response:
     return web.Response(status=exc.status, body=body, content_type="application/json")
 
 
-def _aiohttp_error(status: int, message: str) -> ChunkdError:
-    entry = _HTTP_CODES.get(status)
-    if entry is None:
-        return ChunkdError(E.HTTP_ERROR.code, status, message, {})
-    return entry.saying(message)
+def _aiohttp_error(status: int, message: str, other: ErrorCode = E.HTTP_ERROR) -> ChunkdError:
+    """One of aiohttp's own errors, with its status; a status without a code of its own gets
+    ``other``'s code."""
+    return ChunkdError(_HTTP_CODES.get(status, other).code, status, message, {})
 
 
 @web.middleware
@@ -93,10 +92,8 @@ class _JsonErrorRequestHandler(RequestHandler):
             resp = error_response(E.INTERNAL_ERROR())
         else:
             phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-            entry: ErrorCode = _HTTP_CODES.get(status, E.BAD_REQUEST)
-            err = entry.saying(
-                f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})")
-            resp = error_response(ChunkdError(err.code, status, err.message, {}))
+            message = f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})"
+            resp = error_response(_aiohttp_error(status, message, E.BAD_REQUEST))
         resp.force_close()
         return resp
 

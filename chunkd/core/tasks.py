@@ -75,9 +75,6 @@ class TaskRunner:
         self.renew_interval = renew_interval
         self._running: dict[str, asyncio.Task[Task]] = {}
 
-    def is_running(self, session_id: str) -> bool:
-        return session_id in self._running
-
     async def close(self) -> None:
         """Stop every hand-off (shutdown): their leases go stale and a restart resumes them."""
         tasks = list(self._running.values())

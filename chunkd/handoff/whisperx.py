@@ -73,11 +73,11 @@ def _file_field(blob: Blob, files: contextlib.ExitStack) -> Any:
 def service_error(status: int, body: bytes) -> HandoffFailed:
     """The service's error reply as a failure, with the code and message the service chose."""
     detail = body[:2000].decode("utf-8", "replace")
-    answered = E.SERVICE_REFUSED.handoff(detail, status=status)
+    answered = E.SERVICE_REFUSED.template.format(status=status)  # when it says nothing itself
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return E.SERVICE_REFUSED.forward(f"http_{status}", answered.message, detail)
+        return E.SERVICE_REFUSED.forward(f"http_{status}", answered, detail)
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         err = doc["error"]
         return E.SERVICE_REFUSED.forward(str(err.get("code") or f"http_{status}"),
@@ -91,7 +91,7 @@ def service_error(status: int, body: bytes) -> HandoffFailed:
             )
             return E.SERVICE_REFUSED.forward("validation_error", msg or detail, detail)
         return E.SERVICE_REFUSED.forward(f"http_{status}", str(d), detail)
-    return E.SERVICE_REFUSED.forward(f"http_{status}", answered.message, detail)
+    return E.SERVICE_REFUSED.forward(f"http_{status}", answered, detail)
 
 
 class WhisperXHandoff:

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from chunkd import errors as E
-from chunkd.atomic import fsync_dir, read_json, write_json_atomic
+from chunkd.atomic import fsync_dir, read_json, write_json_atomic, write_text_durably
 from chunkd.errors import ChunkdError
 from chunkd.model.session import Claim, EndKind, SessionMeta, SessionState
 from chunkd.model.task import Task
@@ -504,14 +504,6 @@ class FileSystemStore:
         except FileNotFoundError:
             return None
         return FileBlob(path, size, self.durable)
-
-
-def write_text_durably(path: Path, text: str, durable: bool) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def _gone(kind: EndKind) -> ChunkdError:
