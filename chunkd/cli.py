@@ -21,6 +21,7 @@ from chunkd.config import Config, ConfigError, env_name, load_config
 from chunkd.core.tasks import retry_task
 from chunkd.errors import ChunkdError
 from chunkd.handoff import ONCE_CLAIMS
+from chunkd.handoff.whisperx import check_service_url
 from chunkd.keys import DRAIN
 from chunkd.model.task import Task
 from chunkd.store import FileSystemStore
@@ -34,7 +35,8 @@ _HELP = {
     "max_file_size": "largest file a session may declare (default 50GiB)",
     "session_ttl": "session lifetime, e.g. 24h (default 24h)",
     "sweep_interval": "how often expired sessions are removed, e.g. 5m (default 5m)",
-    "allowed_extensions": "comma-separated file extensions allowed (default: common audio/video)",
+    "allowed_extensions": "comma-separated file extensions allowed (default: the WhisperX "
+    "service's own list in whisperx mode, else common audio/video)",
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
@@ -45,6 +47,17 @@ _HELP = {
     "whisperx_token": "bearer token for the WhisperX service",
     "whisperx_timeout": "how long the service may take to accept a file (default 1h)",
     "whisperx_poll_interval": "how often the service's task is polled (default 2s)",
+    "whisperx_stall_timeout": "a task with no progress for this long is lost: service_stalled "
+    "(default 30m)",
+    "whisperx_max_duration": "longest a task is followed after its submission (default 24h)",
+    "whisperx_retry_window": "longest total wait for a busy service (429/503 Retry-After) "
+    "(default 15m)",
+    "whisperx_credentials": "service: use --whisperx-token; user: the finalizing user's own "
+    "Authorization or session cookie + X-CSRF-Token (default service)",
+    "whisperx_defaults": "query parameters for every submission unless the session sets them, "
+    "e.g. device=cpu&compute_type=int8",
+    "whisperx_ws_proxy": "proxy /ws/tasks/{id} for ids chunkd does not know to the service: "
+    "on|off (default on)",
     "handoff_command": "program run with the file path as last argument (command hand-off)",
     "handoff_retries": "tries for a hand-off step that can succeed later (default 5)",
     "handoff_retry_delay": "first pause between those tries, doubled each time (default 1s)",
@@ -117,7 +130,9 @@ def describe(config: Config, url: str) -> str:
 
 def _handoff_line(config: Config) -> str:
     if config.handoff == "whisperx":
-        return f"whisperx at {config.whisperx_url}"
+        who = ("as the finalizing user" if config.whisperx_credentials == "user"
+               else "with the service token" if config.whisperx_token else "without a credential")
+        return f"whisperx at {config.whisperx_url}, {who}"
     if config.handoff == "command":
         return f"command: {config.handoff_command}"
     return f"folder {config.completed_dir.resolve()}"
@@ -130,6 +145,9 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.handoff == "whisperx" and config.whisperx_url:
+        for line in await check_service_url(config.whisperx_url, config.max_file_size):
+            print(f"chunkd: warning: {line}", file=sys.stderr, flush=True)
     app = make_app(config)
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
                                 read_bufsize=READ_BUFSIZE)
@@ -169,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with contextlib.suppress(KeyboardInterrupt):
                 uvloop.run(serve(config))
+        except ConfigError as exc:  # found at start, e.g. a service URL behind Cloudflare
+            print(f"chunkd: error: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:  # e.g. the port is taken
             print(f"chunkd: error: cannot listen on {config.host}:{config.port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)

@@ -11,9 +11,10 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -38,6 +39,14 @@ DEFAULT_EXTENSIONS = (
     "mp3", "wav", "m4a", "aac", "ogg", "oga", "opus", "flac", "wma", "amr", "aiff", "aif",
     "webm", "mp4", "m4v", "mkv", "mov", "avi", "wmv", "mpeg", "mpg", "3gp", "ts", "mts",
 )
+#: What whisperX-FastAPI itself accepts (``ALLOWED_EXTENSIONS`` in its ``app/core/config.py``,
+#: upstream and the fork): the default in whisperx mode, so a file the service would refuse is
+#: refused at session creation, not after the whole upload.
+WHISPERX_EXTENSIONS = (
+    "mp3", "wav", "awb", "aac", "ogg", "oga", "m4a", "wma", "amr", "mp4", "mov", "avi", "wmv", "mkv",
+)
+#: How the WhisperX hand-off authenticates to the service (``--whisperx-credentials``).
+CREDENTIAL_MODES = ("service", "user")
 
 
 class ConfigError(ValueError):
@@ -64,8 +73,10 @@ class Config:
     session_ttl: float = DEFAULT_SESSION_TTL
     #: How often the sweeper looks for expired sessions (5 min).
     sweep_interval: float = DEFAULT_SWEEP_INTERVAL
-    #: File-name extensions (lower case, no dot) a session's filename may end with.
-    allowed_extensions: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_EXTENSIONS))
+    #: File-name extensions (lower case, no dot) a session's filename may end with. Empty means
+    #: the default for the hand-off: the service's own list in whisperx mode, else common
+    #: audio/video.
+    allowed_extensions: frozenset[str] = frozenset()
     #: fdatasync each chunk before counting it (on by default; off trades safety for speed).
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
@@ -86,6 +97,21 @@ class Config:
     whisperx_timeout: float = 3600.0
     #: Seconds between two looks at the service's task.
     whisperx_poll_interval: float = 2.0
+    #: A task whose status, stage and percentage stay the same this long (or that cannot be
+    #: looked at for this long) has been lost by the service: it ends with ``service_stalled``.
+    whisperx_stall_timeout: float = 1800.0
+    #: Longest a task is followed after its submission (``transcription_timeout`` after that).
+    whisperx_max_duration: float = 86400.0
+    #: Longest the submission waits in total for a busy service (429/503, ``Retry-After``).
+    whisperx_retry_window: float = 900.0
+    #: ``service``: submit and follow with ``--whisperx-token``; ``user``: with the credential of
+    #: the user who finalized (their ``Authorization`` header, or session cookie + CSRF token).
+    whisperx_credentials: str = "service"
+    #: Query parameters sent with every submission unless the session sets them, e.g.
+    #: ``device=cpu&compute_type=int8`` for a CPU-only service.
+    whisperx_defaults: tuple[tuple[str, str], ...] = ()
+    #: Proxy ``/ws/tasks/{id}`` for ids chunkd does not know to the service's WebSocket.
+    whisperx_ws_proxy: bool = True
     #: Program run with the file's path as its last argument (``handoff=command``).
     handoff_command: str | None = None
     #: Tries of a hand-off step that can succeed later (service down, 5xx) before giving up.
@@ -97,6 +123,11 @@ class Config:
     def completed_dir(self) -> Path:
         """Where the folder hand-off puts finished files (``<data_dir>/completed``)."""
         return self.data_dir / "completed"
+
+    def __post_init__(self) -> None:
+        if not self.allowed_extensions:  # the hand-off's default list
+            default = WHISPERX_EXTENSIONS if self.handoff == "whisperx" else DEFAULT_EXTENSIONS
+            object.__setattr__(self, "allowed_extensions", frozenset(default))
 
     def validate(self) -> Config:
         """Raise :class:`ConfigError` for the first bad value; return ``self`` otherwise."""
@@ -134,14 +165,16 @@ class Config:
             raise ConfigError("--handoff command needs --handoff-command PROGRAM")
         if self.handoff_retries < 1:
             raise ConfigError("handoff retries must be at least 1")
-        if self.whisperx_timeout <= 0 or self.whisperx_poll_interval <= 0:
-            raise ConfigError("whisperx timeout and poll interval must be positive")
+        if min(self.whisperx_timeout, self.whisperx_poll_interval, self.whisperx_stall_timeout,
+               self.whisperx_max_duration) <= 0 or self.whisperx_retry_window < 0:
+            raise ConfigError("whisperx timeouts, intervals and durations must be positive")
+        if self.whisperx_credentials not in CREDENTIAL_MODES:
+            raise ConfigError(f"whisperx credentials must be service or user, not "
+                              f"{self.whisperx_credentials!r}")
         if self.handoff_retry_delay < 0:
             raise ConfigError("handoff retry delay must not be negative")
         if self.shutdown_timeout < 0:
             raise ConfigError("shutdown timeout must not be negative")
-        if not self.allowed_extensions:
-            raise ConfigError("allowed extensions must not be empty")
         for ext in self.allowed_extensions:
             if not re.fullmatch(r"[a-z0-9]{1,10}", ext):
                 raise ConfigError(f"bad extension {ext!r}: use lower-case letters and digits, no dot")
@@ -188,7 +221,20 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_extensions(text: str) -> frozenset[str]:
-    return frozenset(e.strip().lower().lstrip(".") for e in text.split(",") if e.strip())
+    found = frozenset(e.strip().lower().lstrip(".") for e in text.split(",") if e.strip())
+    if not found:
+        raise ConfigError("allowed extensions must not be empty")
+    return found
+
+
+def parse_query(text: str) -> tuple[tuple[str, str], ...]:
+    """``device=cpu&compute_type=int8`` → (("device", "cpu"), ("compute_type", "int8"))."""
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text.strip()))
+    except ValueError:
+        raise ConfigError(f"not a query string: {text!r} (try device=cpu&compute_type=int8)"
+                          ) from None
+    return tuple(pairs)
 
 
 def parse_int(text: str) -> int:
@@ -219,6 +265,12 @@ PARSERS: dict[str, Any] = {
     "whisperx_token": str,
     "whisperx_timeout": parse_duration,
     "whisperx_poll_interval": parse_duration,
+    "whisperx_stall_timeout": parse_duration,
+    "whisperx_max_duration": parse_duration,
+    "whisperx_retry_window": parse_duration,
+    "whisperx_credentials": str,
+    "whisperx_defaults": parse_query,
+    "whisperx_ws_proxy": parse_bool,
     "handoff_command": str,
     "handoff_retries": parse_int,
     "handoff_retry_delay": parse_duration,

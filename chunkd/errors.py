@@ -112,6 +112,10 @@ CLIENT_DISCONNECTED = _e("client_disconnected", 400, "the connection was closed"
 # -- 401 / 403: who is asking -----------------------------------------------------------------
 UNAUTHORIZED = _e("unauthorized", 401, "a valid bearer token is required")
 FORBIDDEN = _e("forbidden", 403, "this token may not access this upload session")
+CREDENTIAL_REQUIRED = _e(
+    "credential_required", 401,
+    "finalize needs your transcription service credential: an Authorization header, or the "
+    "service's session cookie (with X-CSRF-Token)")
 # -- 404 ----------------------------------------------------------------------------------------
 NOT_FOUND = _e("not_found", 404, "no such resource")
 SESSION_NOT_FOUND = _e("session_not_found", 404, "no upload session with this id")
@@ -162,6 +166,7 @@ TOO_MANY_CHUNKS = _e("too_many_chunks", 422,
 # -- 5xx ----------------------------------------------------------------------------------------
 INTERNAL_ERROR = _e("internal_error", 500, "an internal error occurred")
 HTTP_ERROR = _e("http_error", 500, "the request failed")
+BAD_GATEWAY = _e("bad_gateway", 502, "the transcription service could not be reached")
 SHUTTING_DOWN = _e("shutting_down", 503, "chunkd is shutting down; retry in a moment")
 SERVER_BUSY = _e("server_busy", 503, "the server is busy; retry in a moment")
 INSUFFICIENT_STORAGE = _e("insufficient_storage", 507, "not enough disk space: {reason}")
@@ -181,10 +186,34 @@ BAD_SERVICE_REPLY = _e("bad_service_reply", 502,
                        "The transcription service's reply had no task identifier")
 SERVICE_UNAVAILABLE = _e("service_unavailable", 503,
                          "The transcription service did not take the file after {tries} tries")
-SERVICE_UNREACHABLE = _e("service_unreachable", 502,
-                         "Lost contact with the transcription service after {tries} tries")
+SERVICE_BUSY = _e(
+    "service_busy", 429,
+    "The transcription service is busy and asked to wait {wait:g} s, longer than chunkd waits "
+    "({window:g} s); `chunkd retry <task_id>` sends the file again later")
 SERVICE_REFUSED = _e("service_refused", 502, "The transcription service answered {status}")
-TRANSCRIPTION_FAILED = _e("transcription_failed", 502, "{reason}")
+SERVICE_STALLED = _e(
+    "service_stalled", 504,
+    "The transcription service showed no progress on task {identifier} for {minutes:g} min and "
+    "has probably lost it (a restart loses its running tasks); `chunkd retry <task_id>` sends "
+    "the file again")
+TRANSCRIPTION_TIMEOUT = _e(
+    "transcription_timeout", 504,
+    "Task {identifier} was not finished {hours:g} h after it was sent; `chunkd retry <task_id>` "
+    "sends the file again")
+TRANSCRIPTION_FAILED = _e("transcription_failed", 502,
+                          "Transcription processing failed. Please try again.")
+TRANSCRIPTION_OUT_OF_MEMORY = _e(
+    "transcription_out_of_memory", 502,
+    "The transcription service ran out of memory on this file. Try a smaller model, or try "
+    "again later.")
+CREDENTIAL_LOST = _e(
+    "credential_lost", 401,
+    "chunkd restarted before sending this file, and it never keeps users' credentials; upload "
+    "the file again")
+NOT_FOLLOWABLE = _e(
+    "not_followable", 502,
+    "The file was handed to the transcription service as task {identifier}, but chunkd can no "
+    "longer follow it ({reason}); follow it on the service with that identifier")
 COMMAND_INTERRUPTED = _e(
     "interrupted", 500,
     "chunkd stopped while the command was running; `chunkd retry <task_id>` runs it again")

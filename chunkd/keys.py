@@ -13,3 +13,7 @@ STORE = web.AppKey("store", SessionStore)
 HUB = web.AppKey("hub", ProgressHub)
 RUNNER = web.AppKey("runner", TaskRunner)
 DRAIN = web.AppKey("drain", Drain)
+#: The WhisperX service's WebSocket base URL, when ``/ws/tasks/{id}`` for unknown ids is relayed.
+SERVICE_WS = web.AppKey("service_ws", str)
+#: The relayed sockets that are open (closed with GOING_AWAY at shutdown).
+RELAYED = web.AppKey("relayed", set[web.WebSocketResponse])

@@ -28,7 +28,7 @@ from typing import Any
 
 from chunkd.errors import ChunkdError
 from chunkd.model.session import SessionState
-from chunkd.model.task import Step
+from chunkd.model.task import Step, Task
 from chunkd.store.base import SessionStore
 
 log = logging.getLogger("chunkd.progress")
@@ -76,15 +76,18 @@ def error_message(task_id: str | None, code: str, user: str, detail: str = "") -
     }
 
 
-def _progress(task_id: str, step: Step) -> dict[str, Any]:
-    return {
+def _progress(task: Task, step: Step) -> dict[str, Any]:
+    msg = {
         "type": "progress",
-        "task_id": task_id,
+        "task_id": task.task_id,
         "stage": step.stage.value,
         "percentage": step.percentage,
         "message": step.message,
         "timestamp": now_iso(),
     }
+    if task.identifier is not None:  # the service's own id: the transcript and history are there
+        msg["identifier"] = task.identifier
+    return msg
 
 
 def final_message(state: SessionState, result: Any = None) -> dict[str, Any] | None:
@@ -98,9 +101,12 @@ def final_message(state: SessionState, result: Any = None) -> dict[str, Any] | N
         return None
     if state.error is not None:
         err = task.error or {}
-        return error_message(task.task_id, state.error["code"], state.error["message"],
-                             err.get("technical_detail", ""))
-    msg = _progress(task.task_id, Step(task.stage, task.percentage, task.message, 0.0))
+        failed = error_message(task.task_id, state.error["code"], state.error["message"],
+                               err.get("technical_detail", ""))
+        if task.identifier is not None:
+            failed["identifier"] = task.identifier
+        return failed
+    msg = _progress(task, Step(task.stage, task.percentage, task.message, 0.0))
     if result is not None:
         msg["result"] = result
     if task.location is not None:
@@ -123,8 +129,8 @@ def task_messages(state: SessionState, since: int | None, result: Any = None
     if since is None:
         if final is not None:
             return [final], len(history)
-        return ([_progress(task.task_id, history[-1])] if history else []), len(history)
-    msgs = [_progress(task.task_id, step) for step in history[since:]
+        return ([_progress(task, history[-1])] if history else []), len(history)
+    msgs = [_progress(task, step) for step in history[since:]
             if not step.stage.is_final]
     if final is not None:
         msgs.append(final)

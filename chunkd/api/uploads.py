@@ -17,6 +17,7 @@ from chunkd import errors as E
 from chunkd.api.body import RequestBody
 from chunkd.core import uploads
 from chunkd.core.finalize import StillFinalizing, finalize
+from chunkd.handoff.whisperx import user_credential
 from chunkd.keys import CONFIG, HUB, RUNNER, STORE
 from chunkd.model.session import Phase, SessionState
 from chunkd.validate import check_new_session, max_chunk_size
@@ -161,7 +162,14 @@ async def get_status(request: web.Request) -> web.Response:
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     started = time.perf_counter()
-    outcome = await finalize(request.app[STORE], request.app[RUNNER], sid)
+    credential = None
+    config = request.app[CONFIG]
+    if config.handoff == "whisperx" and config.whisperx_credentials == "user":
+        # The task will be the user's on the service: it needs their credential (memory only).
+        credential = user_credential(request.headers)
+        if credential is None:
+            raise E.CREDENTIAL_REQUIRED()
+    outcome = await finalize(request.app[STORE], request.app[RUNNER], sid, credential)
     request.app[HUB].poke(sid)
     if isinstance(outcome, StillFinalizing):  # another request (or process) is still at it
         log.info("finalize %s: task %s still being checked", sid, outcome.task_id)

@@ -1,4 +1,5 @@
-"""``GET /ws/tasks/{id}``: a session's (or its task's) progress as JSON text frames."""
+"""``GET /ws/tasks/{id}``: a session's (or its task's) progress as JSON text frames; an id
+chunkd does not know goes to the WhisperX service's own socket (:mod:`chunkd.api.ws_proxy`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from chunkd.api.ws_proxy import relay
 from chunkd.errors import ChunkdError
-from chunkd.keys import CONFIG, HUB
+from chunkd.keys import CONFIG, HUB, RELAYED, SERVICE_WS, STORE
 from chunkd.progress import Close, Subscriber, close_code_for, now_iso
+from chunkd.store.base import SessionStore
 
 routes = web.RouteTableDef()
 
@@ -21,8 +24,20 @@ async def _send(ws: web.WebSocketResponse, msg: dict[str, Any]) -> None:
     await ws.send_str(orjson.dumps(msg).decode())
 
 
+async def _known(store: SessionStore, any_id: str) -> bool:
+    """Does chunkd have this session or task (live, or ended: it answers for both)?"""
+    try:
+        await store.get(await store.resolve(any_id))
+    except ChunkdError as exc:
+        return exc.status != 404
+    return True
+
+
 @routes.get("/ws/tasks/{id}")
-async def task_socket(request: web.Request) -> web.WebSocketResponse:
+async def task_socket(request: web.Request) -> web.StreamResponse:
+    service = request.app.get(SERVICE_WS)
+    if service is not None and not await _known(request.app[STORE], request.match_info["id"]):
+        return await relay(request, service, request.app[RELAYED])
     ws = web.WebSocketResponse(max_msg_size=64 * 1024)
     await ws.prepare(request)
     hub = request.app[HUB]

@@ -113,6 +113,7 @@ class ChunkdClient:
         checksum: bool = True,
         timeout: float = 600.0,
         session: aiohttp.ClientSession | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -126,6 +127,9 @@ class ChunkdClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=30)
         self._session = session
         self._own_session = session is None
+        #: Sent with every request (e.g. the user's ``Authorization`` for a server that acts as
+        #: them towards the transcription service).
+        self.headers = dict(headers or {})
         #: Failed requests by HTTP status (0: no answer), retried ones included.
         self.errors: Counter[int] = Counter()
 
@@ -139,7 +143,8 @@ class ChunkdClient:
     def http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout
+                connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout,
+                headers=self.headers,
             )
         return self._session
 

@@ -73,6 +73,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--chunk-size", help="chunk size, e.g. 50MiB (default: the server's)")
     p.add_argument("--wait", action="store_true",
                    help="after the upload, follow the processing and print the result")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="send this header with every request, e.g. 'Authorization: Bearer "
+                   "whsk_...' for a server that acts as you towards the transcription service "
+                   "(repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start a new session")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -111,6 +115,12 @@ async def _run(args: argparse.Namespace) -> int:
         return _fail("--task-params must be a JSON object")
     if args.parallel < 1:
         return _fail("--parallel must be at least 1")
+    headers = {}
+    for text in args.header:
+        name, colon, value = text.partition(":")
+        if not colon or not name.strip() or not value.strip():
+            return _fail(f"--header must look like 'Name: value' (got {text!r})")
+        headers[name.strip()] = value.strip()
 
     state = ResumeState(state_path())
     key = state.key(args.url, source)
@@ -123,7 +133,8 @@ async def _run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{p.done_chunks}/{p.total_chunks} chunks", refresh=False)
         bar.refresh()
 
-    async with ChunkdClient(args.url, parallel=args.parallel, chunk_size=chunk_size) as client:
+    async with ChunkdClient(args.url, parallel=args.parallel, chunk_size=chunk_size,
+                            headers=headers) as client:
         try:
             try:
                 result = await client.upload(
@@ -180,6 +191,8 @@ async def _follow(client: ChunkdClient, task_id: str, quiet: bool) -> int:
             bar.close()
     if final is None:
         return _fail("the progress stream ended without a result")
+    if final.get("identifier"):  # the service's own id: its transcript and history live there
+        print(f"service task {final['identifier']}")
     if final.get("type") == "error":
         return _fail(f"{final.get('user_message')} ({final.get('error_code')})")
     result = final.get("result")

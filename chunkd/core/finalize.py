@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from chunkd import errors as E
 from chunkd.core.tasks import TaskRunner
 from chunkd.errors import ChunkdError
+from chunkd.handoff.base import Credential
 from chunkd.model.session import Claim, EndKind, SessionState
 from chunkd.model.task import Task
 from chunkd.store.base import SessionStore
@@ -55,9 +56,10 @@ def stuck(state: SessionState, now: float) -> bool:
             and state.task is None and state.failure is None)
 
 
-async def finalize(store: SessionStore, runner: TaskRunner, session_id: str
-                   ) -> Finalized | StillFinalizing:
-    """Finalize the session. Idempotent: the same task every time, in any process."""
+async def finalize(store: SessionStore, runner: TaskRunner, session_id: str,
+                   credential: Credential | None = None) -> Finalized | StillFinalizing:
+    """Finalize the session. Idempotent: the same task every time, in any process.
+    ``credential`` (the end user's, for a hand-off that acts as them) goes to the task."""
     deadline = time.monotonic() + WAIT_FOR_WINNER_SECONDS
     while True:
         state = await store.state(session_id)
@@ -76,17 +78,17 @@ async def finalize(store: SessionStore, runner: TaskRunner, session_id: str
             if claim.kind is EndKind.ABORT:
                 raise E.SESSION_ABORTED()
             if claim.won:
-                return await _run(store, runner, state, claim)
+                return await _run(store, runner, state, claim, credential)
         elif claim_is_stale(state.claim, store.clock()):
-            return await _run(store, runner, state, state.claim)
+            return await _run(store, runner, state, state.claim, credential)
         elif time.monotonic() > deadline:
             assert state.claim.task_id is not None
             return StillFinalizing(state.claim.task_id)
         await asyncio.sleep(0.05)
 
 
-async def _run(store: SessionStore, runner: TaskRunner, state: SessionState, claim: Claim
-               ) -> Finalized:
+async def _run(store: SessionStore, runner: TaskRunner, state: SessionState, claim: Claim,
+               credential: Credential | None) -> Finalized:
     assert claim.task_id is not None
     sid = state.meta.session_id
     blob = await store.blob(sid)
@@ -98,4 +100,4 @@ async def _run(store: SessionStore, runner: TaskRunner, state: SessionState, cla
         except ChunkdError as exc:
             await store.record_failure(sid, exc)
             raise
-    return Finalized(await runner.start(sid, claim.task_id, mime))
+    return Finalized(await runner.start(sid, claim.task_id, mime, credential))

@@ -24,7 +24,7 @@ from typing import Any
 
 from chunkd import errors as E
 from chunkd.errors import HandoffFailed
-from chunkd.handoff.base import Handoff, Job
+from chunkd.handoff.base import Credential, Handoff, Job
 from chunkd.model.session import SessionMeta, SessionState
 from chunkd.model.task import Stage, Task
 from chunkd.progress import ProgressHub
@@ -53,10 +53,15 @@ class TaskJournal:
 
     async def report(self, stage: str, percentage: int, message: str) -> None:
         """A progress step. A final or unknown stage is reported as ``transcribing``: only the
-        runner says ``complete`` or ``failed``, once, when the hand-off returned."""
+        runner says ``complete`` or ``failed``, once, when the hand-off returned. A step behind
+        the task's current one (an earlier stage, or a lower percentage) is dropped."""
         step = (Stage.reported(stage), max(0, min(100, int(percentage))), message)
         if (self.task.stage, self.task.percentage, self.task.message) == step:
             return
+        if step[0].rank < self.task.stage.rank or (
+            step[0] is self.task.stage and step[1] < self.task.percentage
+        ):
+            return  # progress never goes backwards (a service may say an earlier stage late)
         await self.save(self.task.with_step(*step, self.store.clock()))
 
     async def remember(self, **fields: Any) -> None:
@@ -74,6 +79,8 @@ class TaskRunner:
         self.hub = hub
         self.renew_interval = renew_interval
         self._running: dict[str, asyncio.Task[Task]] = {}
+        #: End users' credentials by task id, in memory only (see Job.credential).
+        self._credentials: dict[str, Credential] = {}
 
     async def close(self) -> None:
         """Stop every hand-off (shutdown): their leases go stale and a restart resumes them."""
@@ -85,7 +92,8 @@ class TaskRunner:
                 await t
         self._running.clear()
 
-    async def start(self, session_id: str, task_id: str, mime_type: str) -> Task:
+    async def start(self, session_id: str, task_id: str, mime_type: str,
+                    credential: Credential | None = None) -> Task:
         """Create the task of a just-finalized session and start its hand-off; return its record.
 
         An inline hand-off (the folder) finishes before this returns; the others run in the
@@ -105,6 +113,8 @@ class TaskRunner:
             return await self._drive(lease, task, state.meta)
         await self.store.write_task(task, lease)
         self.hub.poke(session_id)
+        if credential is not None:
+            self._credentials[task_id] = credential
         self._spawn(lease, task, state.meta)
         return task
 
@@ -130,7 +140,7 @@ class TaskRunner:
     async def _drive(self, lease: Lease, task: Task, meta: SessionMeta) -> Task:
         journal = TaskJournal(self.store, self.hub, lease, task)
         job = Job(task.task_id, meta, task.mime_type, await self.store.blob(meta.session_id),
-                  dict(task.remembered), journal)
+                  dict(task.remembered), journal, self._credentials.get(task.task_id))
         renewer = asyncio.create_task(self._renew(lease, asyncio.current_task(), journal.lost))
         try:
             outcome = await self.handoff.run(job)
@@ -156,6 +166,7 @@ class TaskRunner:
             final = journal.task.failed(failure.to_task_error(), self.store.clock())
         finally:
             renewer.cancel()
+            self._credentials.pop(task.task_id, None)  # held only while this process drives it
         try:
             await journal.save(final)
         except LeaseLost:

@@ -19,10 +19,15 @@ def make_handoff(config: Config) -> Handoff:
         return WhisperXHandoff(
             config.whisperx_url,
             token=config.whisperx_token,
+            act_as_user=config.whisperx_credentials == "user",
+            defaults=config.whisperx_defaults,
             submit_timeout=config.whisperx_timeout,
             poll_interval=config.whisperx_poll_interval,
             retries=config.handoff_retries,
             retry_delay=config.handoff_retry_delay,
+            retry_window=config.whisperx_retry_window,
+            stall_timeout=config.whisperx_stall_timeout,
+            max_duration=config.whisperx_max_duration,
         )
     if config.handoff == "command":
         assert config.handoff_command is not None

@@ -12,6 +12,10 @@ task (all through the runner's journal, the task's one writer):
   submitted twice, whatever restarts and races happen. A hand-off lists its names in
   ``once_claims``; ``chunkd retry`` frees them.
 
+``job.credential`` is the end user's own credential for the outside service, when the operator
+asked to act as the user: held in memory only, never written to the store or a log, so it is
+None after a restart.
+
 ``run(job)`` returns an :class:`Outcome` or raises :class:`~chunkd.errors.HandoffFailed`. It must
 be safe to call again for the same task after a crash: look at ``job.remembered`` to resume.
 """
@@ -19,7 +23,7 @@ be safe to call again for the same task after a crash: look at ``job.remembered`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chunkd.model.session import SessionMeta
@@ -33,6 +37,18 @@ class Journal(Protocol):
 
 
 @dataclass(frozen=True)
+class Credential:
+    """Request headers that prove who the end user is to the outside service (their
+    ``Authorization``, or their session cookie and CSRF token). Its repr hides them, so a log
+    line or a traceback never shows one."""
+
+    headers: Mapping[str, str] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Credential({', '.join(sorted(self.headers))}: hidden)"
+
+
+@dataclass(frozen=True)
 class Job:
     task_id: str
     meta: SessionMeta
@@ -40,6 +56,7 @@ class Job:
     blob: Blob | None
     remembered: Mapping[str, Any]
     journal: Journal
+    credential: Credential | None = None
 
     async def report(self, stage: str, percentage: int, message: str) -> None:
         await self.journal.report(stage, percentage, message)

@@ -1,63 +1,127 @@
 """The WhisperX hand-off: submit the file to a whisperX-FastAPI service and follow its task.
 
-The service's protocol (pavelzbornik/whisperX-FastAPI and forks):
+The service's protocol (upstream pavelzbornik/whisperX-FastAPI and the logingrupa fork; the
+facts, with file and line references, are in the project's research notes):
 
 - ``POST /speech-to-text``: multipart field ``file``; every option is a query parameter
-  (``language``, ``model``, ``task``, ``min_speakers``, ``max_speakers``, ``batch_size``,
-  ``compute_type``, ...). Reply ``{"identifier": "<uuid>", "message": "Task queued"}``.
-  The service decodes the audio before it answers, which can take longer than any proxy timeout:
-  this runs in the background, never inside the finalize request.
+  (``language``, ``model``, ``task``, ``min_speakers``, ...; a list such as ``suppress_tokens``
+  as repeated keys). Reply ``{"identifier": "<uuid>", "message": "Task queued"}``. The service
+  reads and decodes the whole file before it answers, which can take longer than any proxy
+  timeout: this runs in the background, never inside the finalize request. The fork answers 429
+  with ``Retry-After`` (60 s or 3600 s) for its rate and concurrency limits, 403/402 for its
+  plan limits, 401 without a credential.
 - ``GET /task/{identifier}``: ``{"status": "queued"|"processing"|"completed"|"failed",
-  "result": {"segments": [...]}, "error": ..., "metadata": {...}}``.
-- ``GET /tasks/{identifier}/progress`` (some versions): ``{"progress_stage", "progress_percentage"}``
-  with the stages the WhisperX frontend shows; used for finer progress when it exists.
-- Errors: ``{"error": {"message", "code", ...}}`` or FastAPI's ``{"detail": ...}``.
+  "result": {"segments": [...], "word_segments": [...]}, "error": str|null, "metadata": {...}}``.
+  The fork scopes tasks to their owner (another user's task is a 404).
+- ``GET /tasks/{identifier}/progress`` (the fork only; upstream answers 404):
+  ``{"progress_stage", "progress_percentage", ...}`` with the stages its frontend shows. The
+  fork writes ``complete`` a moment before ``status`` says ``completed``.
 
 Exactly once: the submission is claimed (``submit.once``) before the POST and the identifier is
 remembered right after, so a restart polls the same task. A crash between the two leaves the
 claim without an identifier; that is reported (``submission_interrupted``), never guessed at by
-submitting again. Only failures that prove the service did not take the file (it could not be
-reached, or answered 5xx/429) are retried, with backoff; a timeout or a dropped connection after
-the file went out might have been accepted, so it is reported instead.
+submitting again. Only answers that prove the service did not take the file (it could not be
+reached, or answered 5xx/429) are sent again, after the service's ``Retry-After`` (or a backoff
+at least as long as the last send took), within ``retry_window``; a timeout or a dropped
+connection after the file went out might have been accepted, so it is reported instead.
+
+Following ends on ``completed`` or ``failed``, and also when nothing moved for
+``stall_timeout`` (the service loses its running tasks on a restart and leaves them
+``processing`` forever) or after ``max_duration``: each is an error ``chunkd retry`` recovers
+from. Progress only moves forward.
+
+Credentials: the service token (``--whisperx-token``), or, with ``--whisperx-credentials user``,
+the credential of the user who finalized (``job.credential``, memory only), so the task is
+theirs on the service. After a restart that credential is gone: the task is followed with the
+service token if there is one, else reported as ``not_followable`` with its identifier.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
+import ipaddress
 import random
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
 from chunkd import errors as E
+from chunkd.config import PROXY_BODY_LIMIT, ConfigError
 from chunkd.errors import HandoffFailed
-from chunkd.handoff.base import Job, Outcome
+from chunkd.handoff.base import Credential, Job, Outcome
 from chunkd.model.task import Stage
 from chunkd.store.base import Blob
 
+#: The headers of a finalize request that prove who the user is to the service: a Bearer API key
+#: wins there; otherwise its ``session`` cookie, with the CSRF token its cookie auth requires.
+USER_CREDENTIAL_HEADERS = ("Authorization", "Cookie", "X-CSRF-Token")
 
-def query_params(job: Job) -> dict[str, str]:
-    """The session's language, model and task_params as query parameters."""
+
+def user_credential(headers: Mapping[str, str]) -> Credential | None:
+    """The user's credential from a request's headers; None if it carries none."""
+    found = {name: headers[name] for name in USER_CREDENTIAL_HEADERS if headers.get(name)}
+    if "Authorization" not in found and "Cookie" not in found:
+        return None
+    return Credential(found)
+
+
+def _query_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def query_params(job: Job, defaults: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """The session's language, model and task_params as query parameters, over the operator's
+    ``defaults``. A list goes as repeated keys (``suppress_tokens=-1&suppress_tokens=5``), as
+    FastAPI reads a ``list[int]`` query. ``language`` ``auto`` is left out: the service has no
+    auto-detection and uses its own default language (``DEFAULT_LANG``, ``en``) when none is
+    sent, which is what its own upload path does with ``auto`` too."""
     meta = job.meta
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = dict(defaults)
     if meta.language:
         params["language"] = meta.language
     if meta.model:
         params["model"] = meta.model
     params.update(meta.task_params)
-    out = {}
+    if str(params.get("language", "")).strip().lower() == "auto":
+        del params["language"]
+    out = []
     for key, value in params.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            out[key] = "true" if value else "false"
-        elif isinstance(value, (dict, list)):
-            out[key] = orjson.dumps(value).decode()
-        else:
-            out[key] = str(value)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None:
+                out.append((key, _query_text(item)))
     return out
+
+
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """``Retry-After`` in seconds (a number, or an HTTP date); None when absent or unreadable."""
+    text = (headers.get("Retry-After") or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def task_failure(raw: str) -> HandoffFailed:
+    """A failed task for people: a stable code, a sentence they can act on, the service's raw
+    text (often a Python exception) kept for operators in ``technical_detail``."""
+    if "out of memory" in raw.lower():
+        return E.TRANSCRIPTION_OUT_OF_MEMORY.handoff(raw)
+    return E.TRANSCRIPTION_FAILED.handoff(raw)
 
 
 def _file_field(blob: Blob, files: contextlib.ExitStack) -> Any:
@@ -94,6 +158,14 @@ def service_error(status: int, body: bytes) -> HandoffFailed:
     return E.SERVICE_REFUSED.forward(f"http_{status}", answered, detail)
 
 
+class _Transient(Exception):
+    """A look at the task that may work next time (timeout, 5xx, 429, dropped connection)."""
+
+
+class _NoProgressRoute(Exception):
+    """The service has no ``/tasks/{id}/progress`` (upstream)."""
+
+
 class WhisperXHandoff:
     name = "whisperx"
     inline = False
@@ -104,40 +176,76 @@ class WhisperXHandoff:
         base_url: str,
         *,
         token: str | None = None,
+        act_as_user: bool = False,
+        defaults: Sequence[tuple[str, str]] = (),
         submit_timeout: float = 3600.0,
         poll_interval: float = 2.0,
         retries: int = 5,
         retry_delay: float = 1.0,
+        retry_window: float = 900.0,
+        stall_timeout: float = 1800.0,
+        max_duration: float = 86400.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.service = Credential({"Authorization": f"Bearer {token}"}) if token else None
+        self.act_as_user = act_as_user
+        self.defaults = tuple(defaults)
         self.submit_timeout = submit_timeout
         self.poll_interval = poll_interval
         self.retries = retries
         self.retry_delay = retry_delay
+        self.retry_window = retry_window
+        self.stall_timeout = stall_timeout
+        self.max_duration = max_duration
 
     def _backoff(self, attempt: int) -> float:
         return self.retry_delay * (2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
 
+    def _credentials(self, job: Job) -> list[tuple[str, Credential | None]]:
+        """Who to ask as, in order: the user (when acting as them), then the service token."""
+        found: list[tuple[str, Credential | None]] = []
+        if job.credential is not None:
+            found.append(("the user's credential", job.credential))
+        if self.service is not None:
+            found.append(("--whisperx-token", self.service))
+        if not found and not self.act_as_user:
+            found.append(("no credential", None))  # a service without auth (upstream)
+        return found
+
     async def run(self, job: Job) -> Outcome:
-        async with aiohttp.ClientSession(headers=self.headers) as http:
+        credentials = self._credentials(job)
+        async with aiohttp.ClientSession() as http:
             identifier = job.remembered.get("identifier")
             if identifier is None:
+                if self.act_as_user and job.credential is None:
+                    raise E.CREDENTIAL_LOST.handoff()  # never submit as someone else
                 if not await job.claim_once("submit"):
                     raise E.SUBMISSION_INTERRUPTED.handoff()
                 await job.report(Stage.QUEUED, 0, "Sending the file to the transcription service")
-                identifier = await self._submit(http, job)
-                await job.remember(identifier=identifier)
+                identifier = await self._submit(http, job, credentials[0][1])
+                await job.remember(identifier=identifier, submitted_at=time.time())
                 await job.report(Stage.QUEUED, 0, "Queued for transcription")
-            return await self._follow(http, job, identifier)
+            if not credentials:
+                raise E.NOT_FOLLOWABLE.handoff(
+                    identifier=identifier,
+                    reason="it keeps no user's credential across a restart, and no "
+                    "--whisperx-token is configured")
+            submitted = float(job.remembered.get("submitted_at") or time.time())
+            return await self._follow(http, job, str(identifier), credentials, submitted)
 
-    async def _submit(self, http: aiohttp.ClientSession, job: Job) -> str:
+    async def _submit(self, http: aiohttp.ClientSession, job: Job, who: Credential | None
+                      ) -> str:
         url = f"{self.base_url}/speech-to-text"
-        params = query_params(job)
+        params = query_params(job, self.defaults)
+        headers = dict(who.headers) if who is not None else {}
         last = ""
         if job.blob is None:
             raise E.PROCESSING_FAILED.handoff("the finished file is gone")
+        window_ends = time.monotonic() + self.retry_window
+        attempt = 0
         for attempt in range(1, self.retries + 1):
+            sent_at = time.monotonic()
+            asked: float | None = None  # the service's Retry-After
             try:
                 with contextlib.ExitStack() as files:
                     form = aiohttp.FormData()
@@ -145,9 +253,11 @@ class WhisperXHandoff:
                                    content_type=job.mime_type or "application/octet-stream")
                     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30,
                                                     sock_read=self.submit_timeout)
-                    async with http.post(url, params=params, data=form, timeout=timeout) as resp:
+                    async with http.post(url, params=params, data=form, headers=headers,
+                                         timeout=timeout) as resp:
                         body = await resp.read()
                         status = resp.status
+                        asked = retry_after(resp.headers)
             except aiohttp.ClientConnectorError as exc:
                 last = f"cannot reach {self.base_url}: {exc}"
             except TimeoutError:
@@ -165,23 +275,48 @@ class WhisperXHandoff:
                 if status < 500 and status != 429:
                     raise refused  # it will not get better
                 last = f"{status} {refused.code}: {refused.message}"
-            if attempt < self.retries:
-                await asyncio.sleep(self._backoff(attempt))
-        raise E.SERVICE_UNAVAILABLE.handoff(last, tries=self.retries)
+            if attempt == self.retries:
+                break
+            # Each try sends the whole file again: wait as the service asked, else back off, and
+            # never less than the send took (at most half the time goes to resending).
+            pause = asked if asked is not None else max(self._backoff(attempt),
+                                                        time.monotonic() - sent_at)
+            if time.monotonic() + pause > window_ends:
+                if asked is not None:
+                    raise E.SERVICE_BUSY.handoff(last, wait=asked, window=self.retry_window)
+                break
+            await job.report(Stage.QUEUED, 0, f"The transcription service is busy; sending "
+                             f"again in {pause:.0f} s")
+            await asyncio.sleep(pause)
+        raise E.SERVICE_UNAVAILABLE.handoff(last, tries=attempt)
 
-    async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str) -> Outcome:
-        failures = 0
+    async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str,
+                      credentials: list[tuple[str, Credential | None]], submitted: float
+                      ) -> Outcome:
         has_progress = True
-        timeout = aiohttp.ClientTimeout(total=60)
+        failures = 0
+        seen: tuple[Any, ...] | None = None
+        moved = time.monotonic()  # when the task last changed (or following began)
         while True:
+            if time.time() - submitted > self.max_duration:
+                raise E.TRANSCRIPTION_TIMEOUT.handoff(
+                    f"identifier {identifier}", identifier=identifier,
+                    hours=self.max_duration / 3600)
+            if time.monotonic() - moved > self.stall_timeout:
+                raise E.SERVICE_STALLED.handoff(
+                    f"identifier {identifier}; last seen {seen}", identifier=identifier,
+                    minutes=self.stall_timeout / 60)
+            who, credential = credentials[0]
+            headers = dict(credential.headers) if credential is not None else {}
             try:
-                async with http.get(f"{self.base_url}/task/{identifier}", timeout=timeout) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                if status >= 500 or status == 429:
-                    raise aiohttp.ClientResponseError(
-                        resp.request_info, (), status=status, message=body[:500].decode("utf-8", "replace")
-                    )
+                status, body = await self._get(http, f"/task/{identifier}", headers)
+                if status in (401, 403, 404) and (len(credentials) > 1 or self.act_as_user):
+                    if len(credentials) > 1:  # e.g. the user's session expired: the token next
+                        credentials = credentials[1:]
+                        continue
+                    raise E.NOT_FOLLOWABLE.handoff(
+                        body[:2000].decode("utf-8", "replace"), identifier=identifier,
+                        reason=f"the service answers {status} to {who}")
                 if status != 200:
                     raise service_error(status, body)
                 doc = orjson.loads(body)
@@ -189,38 +324,99 @@ class WhisperXHandoff:
                 if state == "completed":
                     return Outcome(message="Transcription complete", result=doc.get("result"))
                 if state == "failed":
-                    error = doc.get("error") or "The transcription failed"
-                    raise E.TRANSCRIPTION_FAILED.handoff(
-                        body[:2000].decode("utf-8", "replace"), reason=str(error))
-                waiting = state in ("queued", "pending")  # the service's words
-                stage, pct = (Stage.QUEUED, 0) if waiting else (Stage.TRANSCRIBING, 10)
-                if has_progress and not waiting:
-                    found = await self._progress(http, identifier, timeout)
-                    if found is None:
+                    raise task_failure(str(doc.get("error") or "the service gave no reason"))
+                progress = None
+                if state in ("queued", "pending"):  # the service's words for waiting
+                    progress = (Stage.QUEUED, 0)
+                elif has_progress:
+                    try:
+                        progress = await self._progress(http, identifier, headers)
+                    except _NoProgressRoute:
                         has_progress = False
-                    else:
-                        stage, pct = found
-                await job.report(stage, pct, f"{stage.capitalize()}")
+                if not has_progress:
+                    progress = (Stage.TRANSCRIBING, 10)  # all a service without the route says
+                now_seen = (state, progress)
+                if now_seen != seen:
+                    seen, moved = now_seen, time.monotonic()
+                if progress is not None:  # a null, final or unknown stage: keep the last one
+                    await job.report(progress[0], progress[1], progress[0].capitalize())
                 failures = 0
-            except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
-                failures += 1
-                if failures >= self.retries:
-                    raise E.SERVICE_UNREACHABLE.handoff(repr(exc), tries=failures) from None
-                await asyncio.sleep(self._backoff(failures))
+            except _Transient:
+                failures += 1  # only the deadlines above end the following
+                await asyncio.sleep(min(max(self._backoff(failures), self.poll_interval), 30.0))
                 continue
             await asyncio.sleep(self.poll_interval)
 
-    async def _progress(
-        self, http: aiohttp.ClientSession, identifier: str, timeout: aiohttp.ClientTimeout
-    ) -> tuple[Stage, int] | None:
-        """The finer stage from ``/tasks/{id}/progress``; None when the service has no such route."""
-        async with http.get(f"{self.base_url}/tasks/{identifier}/progress", timeout=timeout) as resp:
-            if resp.status in (404, 405):
-                return None
-            if resp.status != 200:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-            doc = await resp.json(loads=orjson.loads)
-        # An unknown or final stage is shown as transcribing by the journal ("complete" is said
-        # once, with the result).
-        stage = Stage.reported(doc.get("progress_stage") or Stage.TRANSCRIBING)
+    async def _get(self, http: aiohttp.ClientSession, path: str, headers: dict[str, str]
+                   ) -> tuple[int, bytes]:
+        """One look; a timeout, a dropped connection, a 5xx or a 429 is :class:`_Transient`."""
+        try:
+            async with http.get(f"{self.base_url}{path}", headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                body = await resp.read()
+                if resp.status >= 500 or resp.status == 429:
+                    raise _Transient(f"{resp.status} {body[:200].decode('utf-8', 'replace')}")
+                return resp.status, body
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _Transient(repr(exc)) from None
+
+    async def _progress(self, http: aiohttp.ClientSession, identifier: str,
+                        headers: dict[str, str]) -> tuple[Stage, int] | None:
+        """The finer stage from ``/tasks/{id}/progress``; None when it names no working stage
+        (null before the worker starts, or ``complete`` before ``completed``). Raises
+        :class:`_NoProgressRoute` for a service without the route (upstream)."""
+        status, body = await self._get(http, f"/tasks/{identifier}/progress", headers)
+        if status in (404, 405):
+            raise _NoProgressRoute
+        if status != 200:
+            raise _Transient(f"progress answered {status}")
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _Transient("progress is not JSON") from None
+        try:
+            stage = Stage(str(doc.get("progress_stage")))
+        except ValueError:
+            return None
+        if stage.is_final:
+            return None
         return stage, int(doc.get("progress_percentage") or 0)
+
+
+async def check_service_url(url: str, max_file_size: int, *, timeout: float = 5.0) -> list[str]:
+    """At start: is ``url`` the service's own origin, or a proxy with a body limit in front?
+
+    A submission is the whole file in one request; through Cloudflare (100 MB) a bigger one gets
+    413. An answer carrying Cloudflare's headers (``CF-RAY``, ``Server: cloudflare``) is refused
+    when files over that limit are allowed (:class:`~chunkd.config.ConfigError`); a service that
+    cannot be reached now, or a public address, is only warned about (returned lines).
+    """
+    warnings: list[str] = []
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    except (OSError, ValueError):
+        addresses = set()
+    if addresses and not any(a.is_private or a.is_loopback for a in addresses):
+        warnings.append(
+            f"--whisperx-url {url} is a public address; if a proxy with a body limit (Cloudflare: "
+            f"100 MB) sits in front of it, big files will be refused. Use the service's internal "
+            f"origin.")
+    try:
+        async with aiohttp.ClientSession() as http, http.get(
+            url.rstrip("/") + "/", timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        ) as resp:
+            headers = resp.headers
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        warnings.append(f"cannot reach the WhisperX service at {url} now ({type(exc).__name__}); "
+                        f"each hand-off will try again")
+        return warnings
+    proxied = "CF-RAY" in headers or headers.get("Server", "").lower() == "cloudflare"
+    if proxied and max_file_size > PROXY_BODY_LIMIT:
+        raise ConfigError(
+            f"--whisperx-url {url} answers through Cloudflare (CF-RAY header): a submission is "
+            f"the whole file in one request, so any file over 100 MB would get 413. Use the "
+            f"service's internal origin (e.g. http://whisperx:8000), or --max-file-size 95MB")
+    return warnings

@@ -30,6 +30,11 @@ class Stage(enum.StrEnum):
     def is_final(self) -> bool:
         return self in (Stage.COMPLETE, Stage.FAILED)
 
+    @property
+    def rank(self) -> int:
+        """Order along the pipeline (queued 0 … complete 4); ``failed`` ranks with nothing."""
+        return -1 if self is Stage.FAILED else list(Stage).index(self)
+
     @classmethod
     def reported(cls, text: object) -> Stage:
         """A stage a hand-off reports while working: a final or unknown one is ``transcribing``
@@ -86,6 +91,13 @@ class Task:
     location: str | None = None
     #: What the hand-off remembered to resume after a restart (e.g. the service's ``identifier``).
     remembered: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identifier(self) -> str | None:
+        """The outside service's own id for this task, once known (the WhisperX ``identifier``):
+        a frontend reads the transcript and history from the service with it."""
+        value = self.remembered.get("identifier")
+        return None if value is None else str(value)
 
     @classmethod
     def queued(cls, task_id: str, session_id: str, handoff: str, mime_type: str, now: float

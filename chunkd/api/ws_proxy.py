@@ -1,0 +1,113 @@
+"""``/ws/tasks/{id}`` for an id chunkd does not know: relayed to the WhisperX service's own
+WebSocket, so one route prefix (``/ws/tasks/*``, e.g. one Cloudflare rule) serves both.
+
+The service's frontend opens ``/ws/tasks/{service identifier}?ticket=...`` for the tasks it
+created itself (direct uploads, its own tus uploads): chunkd passes the query string, the
+cookies, ``Authorization`` and ``Origin`` through, answers with the service's own refusal when
+the handshake fails (the fork refuses a missing or used ticket with 403 before accepting), and
+then copies frames both ways until one side closes, relaying the close code and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from chunkd import errors as E
+
+log = logging.getLogger("chunkd.ws_proxy")
+
+#: Request headers the service may need to tell who is asking.
+PASSED_HEADERS = ("Cookie", "Authorization", "Origin", "User-Agent")
+#: Close codes that cannot be sent in a close frame; an abrupt end is relayed as 1011.
+_UNSENDABLE = (1005, 1006, 1015)
+#: The service's refusals relayed with the same status (anything else is a 502).
+_REFUSALS = {401: E.UNAUTHORIZED, 403: E.FORBIDDEN, 404: E.NOT_FOUND}
+
+
+def service_ws_url(http_url: str) -> str:
+    """``http://host:8000/base`` → ``ws://host:8000/base`` (https → wss)."""
+    base = http_url.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://"):]
+    return "ws://" + base.removeprefix("http://")
+
+
+async def relay(request: web.Request, base_ws_url: str,
+                sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
+    """Connect to the service's socket for this id, then relay both ways."""
+    target = f"{base_ws_url}/ws/tasks/{quote(request.match_info['id'], safe='')}"
+    if request.query_string:
+        target += "?" + request.query_string
+    headers = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                 if p.strip()]
+    async with aiohttp.ClientSession() as http:
+        try:
+            upstream = await http.ws_connect(
+                target, headers=headers, protocols=protocols, autoping=True, max_msg_size=1 << 20,
+                timeout=aiohttp.ClientWSTimeout(ws_close=10), autoclose=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            entry = _REFUSALS.get(exc.status)
+            reason = f"the transcription service refused this WebSocket ({exc.status})"
+            if entry is None:
+                raise E.BAD_GATEWAY.saying(reason) from None
+            raise entry.saying(reason) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise E.BAD_GATEWAY.saying(
+                f"the transcription service's WebSocket cannot be reached ({type(exc).__name__})"
+            ) from None
+        async with upstream:
+            ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+            await ws.prepare(request)
+            sockets.add(ws)
+            try:
+                await _pump_both(ws, upstream)
+            finally:
+                sockets.discard(ws)
+    return ws
+
+
+async def _pump_both(client: web.WebSocketResponse,
+                     upstream: aiohttp.ClientWebSocketResponse) -> None:
+    down = asyncio.create_task(_copy(upstream, client))
+    up = asyncio.create_task(_copy(client, upstream))
+    try:
+        await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (down, up):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for side in (client, upstream):  # e.g. the handler was cancelled at shutdown
+            if not side.closed:
+                await side.close(code=1001, message=b"going away")
+
+
+Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _copy(source: Socket, dest: Socket) -> None:
+    """Frames from ``source`` to ``dest`` until ``source`` closes; then ``dest`` is closed with
+    the same code and reason (an abrupt end, which has no code, as 1011)."""
+    code, reason = 1011, ""
+    while True:
+        msg = await source.receive()
+        if msg.type is WSMsgType.TEXT:
+            await dest.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await dest.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            code, reason = int(msg.data or 1000), str(msg.extra or "")
+            break
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            code = source.close_code or 1011
+            break
+    if not dest.closed:
+        await dest.close(code=1011 if code in _UNSENDABLE else code,
+                         message=reason.encode()[:120])
