@@ -65,9 +65,10 @@ def assert_upload_counts_monotonic(msgs: list[dict], total: int) -> None:
 
 
 async def test_three_subscribers_and_the_whisperx_pipeline(aiohttp_client, double_url, tmp_path):
-    double = WhisperXDouble()
+    # the fork has the finer stages; each lasts longer than a poll, so none is missed
+    double = WhisperXDouble(variant="fork", token="t0k3n", step_seconds=0.2)
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
-                                 whisperx_url=await double_url(double))
+                                 whisperx_url=await double_url(double), whisperx_token="t0k3n")
     parts = chunks_of(SPEECH, CHUNK)
     session = await create_session(client, "speech.wav", SPEECH, CHUNK, language="en",
                                    model="large-v3", task_params={"min_speakers": 1,
@@ -203,7 +204,7 @@ async def upload_and_follow(client, name: str, data: bytes) -> tuple[str, list[d
                                                 "code": "AUDIO_PROCESSING_ERROR"}})),
          "AUDIO_PROCESSING_ERROR", "could not be decoded"),
         (WhisperXDouble(fail_posts=99), "service_unavailable", "did not take the file"),
-        (WhisperXDouble(fail_task=True), "transcription_failed", "CUDA out of memory"),
+        (WhisperXDouble(fail_task=True), "transcription_out_of_memory", "CUDA out of memory"),
         (WhisperXDouble(token="s3cret"), "http_401", "Authentication required"),
     ],
     ids=["422", "400", "5xx-forever", "task-failed", "no-token"],
