@@ -47,6 +47,15 @@ async def client(aiohttp_client, config: Config):
     return await aiohttp_client(ChunkdTestServer(make_app(config)))
 
 
+@pytest.fixture
+async def double_url(aiohttp_server):
+    """Start a service double (anything with ``.app()``) on 127.0.0.1; return its base URL."""
+    async def start(double) -> str:
+        server = await aiohttp_server(double.app(), host="127.0.0.1")
+        return str(server.make_url("")).rstrip("/")
+    return start
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -22,7 +22,7 @@ from chunkd.model.task import Stage
 from chunkd.progress import ProgressHub
 from chunkd.store import FileSystemStore
 from conftest import MEDIA, chunks_of, store_put, upload_all
-from test_progress import chunkd_client, double_url  # noqa: F401  (a fixture)
+from test_progress import chunkd_client
 from whisperx_double import WhisperXDouble
 
 OGG = (MEDIA / "speech.ogg").read_bytes()
@@ -115,7 +115,7 @@ async def _finished_status(client, sid: str) -> dict:
     raise AssertionError(f"the task did not finish: {doc}")
 
 
-async def test_an_interrupted_submission_is_never_sent_again(aiohttp_client, double_url, tmp_path):  # noqa: F811
+async def test_an_interrupted_submission_is_never_sent_again(aiohttp_client, double_url, tmp_path):
     double = WhisperXDouble()
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
                                  whisperx_url=await double_url(double))

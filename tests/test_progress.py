@@ -40,14 +40,6 @@ async def collect(ws, into: list | None = None) -> list[dict]:
     return out
 
 
-@pytest.fixture
-async def double_url(aiohttp_server):
-    async def start(double: WhisperXDouble) -> str:
-        server = await aiohttp_server(double.app(), host="127.0.0.1")
-        return str(server.make_url("")).rstrip("/")
-    return start
-
-
 async def chunkd_client(aiohttp_client, tmp_path: Path, **cfg) -> object:
     config = Config(data_dir=tmp_path / "data", chunk_size=4096, whisperx_poll_interval=0.05,
                     handoff_retry_delay=0.05, **cfg)

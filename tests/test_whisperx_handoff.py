@@ -16,14 +16,7 @@ from aiohttp import web
 from chunkd.core.tasks import retry_task
 from chunkd.keys import STORE
 from conftest import MEDIA, chunks_of, create_session, put_chunk, session_body
-from test_progress import (  # noqa: F401  (double_url is a fixture)
-    CHUNK,
-    SPEECH,
-    chunkd_client,
-    collect,
-    double_url,
-    stages,
-)
+from test_progress import CHUNK, SPEECH, chunkd_client, collect, stages
 from whisperx_double import RESULT, WhisperXDouble
 
 ORDER = ["queued", "transcribing", "aligning", "diarizing", "complete"]
@@ -443,8 +436,7 @@ async def test_unknown_ids_are_relayed_to_the_services_socket(aiohttp_client, do
             assert msg.type == aiohttp.WSMsgType.TEXT, msg
             got.append(orjson.loads(msg.data))
         await ws.send_str('{"type": "ping"}')
-        while (reply := orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
-               )["type"] != "pong":
+        while orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)["type"] != "pong":
             pass
         await ws.close()
         assert {m["task_id"] for m in got if m["type"] == "progress"} == {identifier}
