@@ -286,3 +286,31 @@ async def test_command_handoff_relays_json_lines(aiohttp_client, tmp_path, monke
     else:
         assert final["type"] == "error" and final["error_code"] == "command_failed"
         assert "status 3" in final["user_message"]
+
+
+BACKWARDS = '''
+import json
+for stage, pct in (("aligning", 60), ("transcribing", 20), ("aligning", 50), ("diarizing", 80)):
+    print(json.dumps({"stage": stage, "percentage": pct, "message": stage}), flush=True)
+'''
+
+
+async def test_progress_never_goes_backwards(aiohttp_client, tmp_path):
+    """Whatever a hand-off says late (an earlier stage, a lower percentage), subscribers only ever
+    see the task move forward."""
+    script = tmp_path / "pipeline.py"
+    script.write_text(BACKWARDS)
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="command",
+                                 handoff_command=f"{sys.executable} {script}")
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    ws = await client.ws_connect(f"/ws/tasks/{sid}")
+    follow = asyncio.create_task(collect(ws))
+    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
+        await put_chunk(client, sid, i, part)
+    await client.post(f"/upload/chunked/{sid}/finalize")
+    msgs = await asyncio.wait_for(follow, 30)
+    order = ["queued", "transcribing", "aligning", "diarizing", "complete"]
+    steps = [(order.index(m["stage"]), m["percentage"]) for m in msgs if m["type"] == "progress"]
+    assert steps == sorted(steps), steps
+    assert (2, 60) in steps and (3, 80) in steps
+    assert (1, 20) not in steps and (2, 50) not in steps
