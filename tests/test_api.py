@@ -241,13 +241,27 @@ async def test_cors_for_configured_origins(aiohttp_client, tmp_path):
     assert pre.status == 204
     assert pre.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
     assert "X-Chunk-Checksum" in pre.headers["Access-Control-Allow-Headers"]
+    assert "X-CSRF-Token" in pre.headers["Access-Control-Allow-Headers"]
+    assert pre.headers["Access-Control-Allow-Credentials"] == "true"
     resp = await client.get("/healthz", headers={"Origin": "http://localhost:5173"})
     assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    assert resp.headers["Access-Control-Allow-Credentials"] == "true"
     other = await client.get("/healthz", headers={"Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
     denied = await client.options("/upload/chunked/session", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert denied.status == 403
+
+
+async def test_any_origin_gets_no_credentials(aiohttp_client, tmp_path):
+    from chunkd.app import make_app
+    from chunkd.config import Config
+
+    config = Config(data_dir=tmp_path / "d", cors_origins=frozenset({"*"}))
+    client = await aiohttp_client(make_app(config))
+    resp = await client.get("/healthz", headers={"Origin": "http://anyone.example"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://anyone.example"
+    assert "Access-Control-Allow-Credentials" not in resp.headers
 
 
 async def test_session_limits_come_from_the_store(aiohttp_client, tmp_path):

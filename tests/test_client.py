@@ -141,8 +141,9 @@ def run_upload(url: str, path: Path, cache: Path, *extra: str, timeout: float = 
 
 async def test_chunkd_upload_resumes_after_interrupt(server_factory, tmp_path):
     srv = server_factory()
-    # a slow link (8 MB/s) so the upload can be interrupted half-way
-    proxy = await TcpProxy(int(srv.url.rsplit(":", 1)[1]), rate=8e6).start()
+    # a slow link (3 MB/s, ~5 s for the file) so the upload is surely interrupted half-way, even
+    # on a loaded machine
+    proxy = await TcpProxy(int(srv.url.rsplit(":", 1)[1]), rate=3e6).start()
     url = f"http://127.0.0.1:{proxy.port}"
     path = media_file(tmp_path, 16 * 1024 * 1024)
     cache = tmp_path / "cache"

@@ -18,6 +18,8 @@ def cors_middleware(origins: frozenset[str]) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         allowed = origin is not None and ("*" in origins or origin in origins)
+        # Cookies only for origins named one by one, never for "*".
+        credentials = origin is not None and origin in origins
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             resp: web.StreamResponse = web.Response(status=204 if allowed else 403)
             if allowed:
@@ -28,11 +30,15 @@ def cors_middleware(origins: frozenset[str]) -> Middleware:
                     "Access-Control-Max-Age": "86400",
                     "Vary": "Origin",
                 })
+                if credentials:
+                    resp.headers["Access-Control-Allow-Credentials"] = "true"
             return resp
         resp = await handler(request)
         if allowed and not resp.prepared:
             resp.headers["Access-Control-Allow-Origin"] = origin or ""
             resp.headers["Vary"] = "Origin"
+            if credentials:
+                resp.headers["Access-Control-Allow-Credentials"] = "true"
         return resp
 
     return middleware
