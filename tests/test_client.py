@@ -152,6 +152,8 @@ async def test_chunkd_upload_resumes_after_interrupt(server_factory, tmp_path):
          "--chunk-size", "1MiB", "--parallel", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        # A shell's background job ignores SIGINT, and a child inherits that; Ctrl-C is the case.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         state_file = cache / "chunkd" / "uploads.json"

@@ -162,7 +162,8 @@ class TaskRunner:
             raise  # shutdown: the lease goes stale and someone resumes the task
         except Exception as exc:
             log.exception("hand-off of session %s failed", meta.session_id)
-            failure = E.PROCESSING_FAILED.handoff(repr(exc))
+            # Never repr(exc): an HTTP client error's repr holds the request's headers.
+            failure = E.PROCESSING_FAILED.handoff(f"{type(exc).__name__}: {exc}")
             final = journal.task.failed(failure.to_task_error(), self.store.clock())
         finally:
             renewer.cancel()

@@ -116,6 +116,12 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _describe(exc: BaseException) -> str:
+    """An error for ``technical_detail``. Never ``repr``: an aiohttp error's repr holds the
+    request's headers, which may carry the user's credential."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def task_failure(raw: str) -> HandoffFailed:
     """A failed task for people: a stable code, a sentence they can act on, the service's raw
     text (often a Python exception) kept for operators in ``technical_detail``."""
@@ -254,7 +260,7 @@ class WhisperXHandoff:
                     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30,
                                                     sock_read=self.submit_timeout)
                     async with http.post(url, params=params, data=form, headers=headers,
-                                         timeout=timeout) as resp:
+                                         timeout=timeout, allow_redirects=False) as resp:
                         body = await resp.read()
                         status = resp.status
                         asked = retry_after(resp.headers)
@@ -263,7 +269,7 @@ class WhisperXHandoff:
             except TimeoutError:
                 raise E.SERVICE_TIMEOUT.handoff(seconds=self.submit_timeout) from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise E.SERVICE_DISCONNECTED.handoff(repr(exc)) from None
+                raise E.SERVICE_DISCONNECTED.handoff(_describe(exc)) from None
             else:
                 if 200 <= status < 300:
                     try:
@@ -351,14 +357,14 @@ class WhisperXHandoff:
                    ) -> tuple[int, bytes]:
         """One look; a timeout, a dropped connection, a 5xx or a 429 is :class:`_Transient`."""
         try:
-            async with http.get(f"{self.base_url}{path}", headers=headers,
+            async with http.get(f"{self.base_url}{path}", headers=headers, allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=60)) as resp:
                 body = await resp.read()
                 if resp.status >= 500 or resp.status == 429:
                     raise _Transient(f"{resp.status} {body[:200].decode('utf-8', 'replace')}")
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _Transient(repr(exc)) from None
+            raise _Transient(_describe(exc)) from None
 
     async def _progress(self, http: aiohttp.ClientSession, identifier: str,
                         headers: dict[str, str]) -> tuple[Stage, int] | None:
