@@ -446,6 +446,47 @@ async def test_unknown_ids_are_relayed_to_the_services_socket(aiohttp_client, do
         assert refused.value.status == 403
 
 
+async def test_the_frontend_follows_a_chunkd_task_on_the_service(aiohttp_client, double_url,
+                                                                 tmp_path):
+    """F2-F5 together, as the fork's frontend does it: the task chunkd handed off as the user is
+    the user's on the service, so with the identifier chunkd reports the browser gets a ticket,
+    follows the service's own socket through chunkd's /ws/tasks, and reads the transcript."""
+    hold = asyncio.Event()
+    double = WhisperXDouble(variant="fork", hold=hold)
+    ann = double.add_user("ann")
+    url = await double_url(double)
+    client = await whisperx_client(aiohttp_client, tmp_path, double, url,
+                                   whisperx_credentials="user")
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
+        await put_chunk(client, sid, i, part)
+    assert (await client.post(f"/upload/chunked/{sid}/finalize", headers=ann.cookie())).status == 200
+    for _ in range(200):
+        identifier = (await status_of(client, sid)).get("task", {}).get("identifier")
+        if identifier:
+            break
+        await asyncio.sleep(0.05)
+    assert identifier
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/api/ws/ticket", json={"task_id": identifier},
+                             headers=ann.cookie()) as resp:
+            assert resp.status == 201, await resp.text()
+            ticket = (await resp.json())["ticket"]
+        ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={ticket}",
+                                     headers={"Cookie": ann.cookie()["Cookie"]})
+        hold.set()
+        got: list[dict] = []
+        while not any(m.get("stage") == "complete" for m in got):
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            got.append(orjson.loads(msg.data))
+        await ws.close()
+        async with http.get(f"{url}/task/{identifier}", headers=ann.bearer()) as resp:
+            doc = await resp.json()
+    assert doc["status"] == "completed" and doc["result"] == RESULT
+    assert {m["task_id"] for m in got if m["type"] == "progress"} == {identifier}
+
+
 async def test_known_ids_stay_chunkds_and_unknown_ones_close_4404_without_relay(
         aiohttp_client, tmp_path):
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
