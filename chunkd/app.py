@@ -12,7 +12,7 @@ from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
-from chunkd.api.ws_proxy import service_ws_url
+from chunkd.api.ws_proxy import Relay, service_ws_url
 from chunkd.config import Config
 from chunkd.core.periodic import Periodic
 from chunkd.core.recovery import recover_once
@@ -20,7 +20,7 @@ from chunkd.core.sweeper import sweep
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.handoff import make_handoff
-from chunkd.keys import CONFIG, DRAIN, HUB, RELAYED, RUNNER, SERVICE_WS, STORE
+from chunkd.keys import CONFIG, DRAIN, HUB, RELAYS, RUNNER, SERVICE_WS, STORE
 from chunkd.progress import ProgressHub
 from chunkd.store import FileSystemStore, SessionStore
 from chunkd.validate import warm_up
@@ -49,9 +49,9 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_sockets(app: web.Application) -> None:
     """on_shutdown: tell every WebSocket GOING_AWAY before aiohttp cancels the handlers."""
     await app[HUB].close()
-    relayed: set[web.WebSocketResponse] = app[RELAYED]
-    for ws in tuple(relayed):
-        await ws.close(code=1001, message=b"server shutting down")
+    relays: set[Relay] = app[RELAYS]
+    for pair in tuple(relays):
+        await pair.shutdown()
 
 
 def make_app(config: Config, store: SessionStore | None = None) -> web.Application:
@@ -70,7 +70,7 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app[STORE] = store
     app[HUB] = hub
     app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
-    app[RELAYED] = set()
+    app[RELAYS] = set()
     if config.handoff == "whisperx" and config.whisperx_ws_proxy and config.whisperx_url:
         app[SERVICE_WS] = service_ws_url(config.whisperx_url)
     app.add_routes(upload_routes)

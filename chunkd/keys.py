@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from chunkd.api.ws_proxy import Relay
 from chunkd.config import Config
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
@@ -15,5 +16,5 @@ RUNNER = web.AppKey("runner", TaskRunner)
 DRAIN = web.AppKey("drain", Drain)
 #: The WhisperX service's WebSocket base URL, when ``/ws/tasks/{id}`` for unknown ids is relayed.
 SERVICE_WS = web.AppKey("service_ws", str)
-#: The relayed sockets that are open (closed with GOING_AWAY at shutdown).
-RELAYED = web.AppKey("relayed", set[web.WebSocketResponse])
+#: The relayed socket pairs that are open (closed with GOING_AWAY at shutdown).
+RELAYS = web.AppKey("relays", set[Relay])

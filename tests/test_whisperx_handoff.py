@@ -487,6 +487,46 @@ async def test_the_frontend_follows_a_chunkd_task_on_the_service(aiohttp_client,
     assert {m["task_id"] for m in got if m["type"] == "progress"} == {identifier}
 
 
+async def test_the_relay_copies_close_codes_both_ways(aiohttp_client, double_url, tmp_path):
+    """Whichever side closes, the other side gets the same code and reason."""
+    seen: dict[str, object] = {}
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        seen["query"], seen["cookie"] = request.query_string, request.headers.get("Cookie")
+        if request.match_info["id"] == "server-closes":
+            await ws.send_str('{"type": "progress", "stage": "transcribing"}')
+            await ws.close(code=4001, message=b"the service is done with you")
+        else:
+            async for msg in ws:
+                await ws.send_str(msg.data)  # echo until the client closes
+            seen["client_code"] = ws.close_code
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/tasks/{id}", socket)
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
+                                 whisperx_url=await double_url(Serving(app)))
+    ws = await client.ws_connect("/ws/tasks/server-closes?ticket=abc",
+                                 headers={"Cookie": "session=s1"})
+    assert orjson.loads((await ws.receive()).data)["stage"] == "transcribing"
+    msg = await asyncio.wait_for(ws.receive(), 5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 4001 and msg.extra == "the service is done with you"
+    assert seen["query"] == "ticket=abc" and seen["cookie"] == "session=s1"
+
+    ws = await client.ws_connect("/ws/tasks/echo")
+    await ws.send_str("hello")
+    assert (await asyncio.wait_for(ws.receive(), 5)).data == "hello"
+    await ws.close(code=4002)
+    for _ in range(100):
+        if "client_code" in seen:
+            break
+        await asyncio.sleep(0.02)
+    assert seen["client_code"] == 4002
+
+
 async def test_known_ids_stay_chunkds_and_unknown_ones_close_4404_without_relay(
         aiohttp_client, tmp_path):
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
@@ -529,3 +569,36 @@ async def test_chunkd_upload_wait_as_a_user_of_the_fork(server_factory, aiohttp_
     assert "The quick brown fox" in text  # the transcript
     assert double.tasks[identifier].owner == "ann"
     assert ann.api_key not in text + err.decode()
+
+
+async def test_sigterm_closes_relayed_sockets_on_both_sides(server_factory, aiohttp_server):
+    closed: list[int | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str('{"type": "heartbeat"}')
+        async for _ in ws:
+            pass
+        closed.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/tasks/{id}", socket)
+    service = await aiohttp_server(app, host="127.0.0.1")
+    srv = server_factory("--handoff", "whisperx",
+                         "--whisperx-url", str(service.make_url("")).rstrip("/"))
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{srv.url}/ws/tasks/a-service-task")
+        assert orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data)["type"] == "heartbeat"
+        assert srv.proc is not None
+        srv.proc.send_signal(15)
+        msg = await asyncio.wait_for(ws.receive(), 15)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1001
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert closed == [1001]
+    srv.proc.wait(20)
+    assert srv.proc.returncode == 0

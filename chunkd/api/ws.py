@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 
 from chunkd.api.ws_proxy import relay
 from chunkd.errors import ChunkdError
-from chunkd.keys import CONFIG, HUB, RELAYED, SERVICE_WS, STORE
+from chunkd.keys import CONFIG, HUB, RELAYS, SERVICE_WS, STORE
 from chunkd.progress import Close, Subscriber, close_code_for, now_iso
 from chunkd.store.base import SessionStore
 
@@ -37,7 +37,7 @@ async def _known(store: SessionStore, any_id: str) -> bool:
 async def task_socket(request: web.Request) -> web.StreamResponse:
     service = request.app.get(SERVICE_WS)
     if service is not None and not await _known(request.app[STORE], request.match_info["id"]):
-        return await relay(request, service, request.app[RELAYED])
+        return await relay(request, service, request.app[RELAYS])
     ws = web.WebSocketResponse(max_msg_size=64 * 1024)
     await ws.prepare(request)
     hub = request.app[HUB]

@@ -28,6 +28,8 @@ PASSED_HEADERS = ("Cookie", "Authorization", "Origin", "User-Agent")
 _UNSENDABLE = (1005, 1006, 1015)
 #: The service's refusals relayed with the same status (anything else is a 502).
 _REFUSALS = {401: E.UNAUTHORIZED, 403: E.FORBIDDEN, 404: E.NOT_FOUND}
+#: After one side closed, how long the other direction may take to finish its close handshake.
+_CLOSE_GRACE = 10.0
 
 
 def service_ws_url(http_url: str) -> str:
@@ -38,8 +40,24 @@ def service_ws_url(http_url: str) -> str:
     return "ws://" + base.removeprefix("http://")
 
 
-async def relay(request: web.Request, base_ws_url: str,
-                sockets: set[web.WebSocketResponse]) -> web.StreamResponse:
+class Relay:
+    """One relayed pair of sockets: the browser's and the service's."""
+
+    def __init__(self, client: web.WebSocketResponse,
+                 upstream: aiohttp.ClientWebSocketResponse) -> None:
+        self.client = client
+        self.upstream = upstream
+
+    async def shutdown(self) -> None:
+        """chunkd is stopping: both sides are told GOING_AWAY (the service first)."""
+        for side in (self.upstream, self.client):
+            if not side.closed:
+                with contextlib.suppress(Exception):
+                    await side.close(code=1001, message=b"chunkd shutting down")
+
+
+async def relay(request: web.Request, base_ws_url: str, relays: set[Relay]
+                ) -> web.StreamResponse:
     """Connect to the service's socket for this id, then relay both ways."""
     target = f"{base_ws_url}/ws/tasks/{quote(request.match_info['id'], safe='')}"
     if request.query_string:
@@ -47,38 +65,67 @@ async def relay(request: web.Request, base_ws_url: str,
     headers = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
-    async with aiohttp.ClientSession() as http:
-        try:
-            upstream = await http.ws_connect(
-                target, headers=headers, protocols=protocols, autoping=True, max_msg_size=1 << 20,
-                timeout=aiohttp.ClientWSTimeout(ws_close=10), autoclose=False)
-        except aiohttp.WSServerHandshakeError as exc:
-            entry = _REFUSALS.get(exc.status)
-            reason = f"the transcription service refused this WebSocket ({exc.status})"
-            if entry is None:
-                raise E.BAD_GATEWAY.saying(reason) from None
-            raise entry.saying(reason) from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise E.BAD_GATEWAY.saying(
-                f"the transcription service's WebSocket cannot be reached ({type(exc).__name__})"
-            ) from None
-        async with upstream:
-            ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
-            await ws.prepare(request)
-            sockets.add(ws)
-            try:
-                await _pump_both(ws, upstream)
-            finally:
-                sockets.discard(ws)
+    http = aiohttp.ClientSession()
+    try:
+        upstream = await http.ws_connect(
+            target, headers=headers, protocols=protocols, autoping=True, max_msg_size=1 << 20,
+            timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_GRACE), autoclose=False)
+    except aiohttp.WSServerHandshakeError as exc:
+        await http.close()
+        entry = _REFUSALS.get(exc.status)
+        reason = f"the transcription service refused this WebSocket ({exc.status})"
+        if entry is None:
+            raise E.BAD_GATEWAY.saying(reason) from None
+        raise entry.saying(reason) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        await http.close()
+        raise E.BAD_GATEWAY.saying(
+            f"the transcription service's WebSocket cannot be reached ({type(exc).__name__})"
+        ) from None
+    ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        await upstream.close()
+        await http.close()
+        raise
+    # The relay runs in its own task: when the browser's connection drops, aiohttp cancels this
+    # handler, and the close must still reach the service with the browser's code.
+    pump = asyncio.create_task(_relay_until_closed(http, Relay(ws, upstream), relays))
+    _PUMPS.add(pump)
+    pump.add_done_callback(_PUMPS.discard)
+    await asyncio.shield(pump)
     return ws
+
+
+#: Relays still running (asyncio keeps only weak references to tasks).
+_PUMPS: set[asyncio.Task[None]] = set()
+
+
+async def _relay_until_closed(http: aiohttp.ClientSession, pair: Relay, relays: set[Relay]
+                              ) -> None:
+    relays.add(pair)
+    try:
+        await _pump_both(pair.client, pair.upstream)
+    except Exception:  # a relay must never take the server down; the sockets are closed below
+        log.exception("WebSocket relay failed")
+    finally:
+        relays.discard(pair)
+        with contextlib.suppress(Exception):
+            await pair.upstream.close()
+        await http.close()
 
 
 async def _pump_both(client: web.WebSocketResponse,
                      upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Both directions until one side closes; that side's close is relayed to the other, and
+    the other direction then ends by itself (given ``_CLOSE_GRACE`` seconds)."""
     down = asyncio.create_task(_copy(upstream, client))
     up = asyncio.create_task(_copy(client, upstream))
     try:
-        await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait((down, up), return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending, timeout=_CLOSE_GRACE)
     finally:
         for t in (down, up):
             t.cancel()
@@ -94,8 +141,8 @@ Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 async def _copy(source: Socket, dest: Socket) -> None:
     """Frames from ``source`` to ``dest`` until ``source`` closes; then ``dest`` is closed with
-    the same code and reason (an abrupt end, which has no code, as 1011)."""
-    code, reason = 1011, ""
+    the same code and reason (an abrupt end, which has no code, as 1011), unless ``dest`` is
+    closed already (the other direction relayed first)."""
     while True:
         msg = await source.receive()
         if msg.type is WSMsgType.TEXT:
@@ -105,8 +152,11 @@ async def _copy(source: Socket, dest: Socket) -> None:
         elif msg.type is WSMsgType.CLOSE:
             code, reason = int(msg.data or 1000), str(msg.extra or "")
             break
-        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            code = source.close_code or 1011
+        elif msg.type is WSMsgType.CLOSING:  # this end is being closed here (shutdown, relay)
+            code, reason = source.close_code or 1001, ""
+            break
+        elif msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR):
+            code, reason = source.close_code or 1011, ""
             break
     if not dest.closed:
         await dest.close(code=1011 if code in _UNSENDABLE else code,
