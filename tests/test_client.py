@@ -139,6 +139,12 @@ def run_upload(url: str, path: Path, cache: Path, *extra: str, timeout: float = 
     )
 
 
+def default_sigint() -> None:
+    """In a child: Ctrl-C as a terminal delivers it. A shell's background job (e.g. the suite run
+    with ``&``) ignores SIGINT, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_chunkd_upload_resumes_after_interrupt(server_factory, tmp_path):
     srv = server_factory()
     # a slow link (3 MB/s, ~5 s for the file) so the upload is surely interrupted half-way, even
@@ -152,8 +158,7 @@ async def test_chunkd_upload_resumes_after_interrupt(server_factory, tmp_path):
          "--chunk-size", "1MiB", "--parallel", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "XDG_CACHE_HOME": str(cache)},
-        # A shell's background job ignores SIGINT, and a child inherits that; Ctrl-C is the case.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_sigint,
     )
     try:
         state_file = cache / "chunkd" / "uploads.json"
@@ -260,7 +265,7 @@ async def test_chunkd_bench_interrupted_leaves_no_session(server_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "chunkd", "bench", "--url", srv.url, "--sessions", "3",
          "--size", "2GiB", "--chunk-size", "8MiB", "--duration", "60s"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     sessions = srv.data_dir / "sessions"
     for _ in range(200):
         await asyncio.sleep(0.05)
