@@ -208,8 +208,9 @@ TRANSCRIPTION_OUT_OF_MEMORY = _e(
     "again later.")
 CREDENTIAL_LOST = _e(
     "credential_lost", 401,
-    "chunkd restarted before sending this file, and it never keeps users' credentials; upload "
-    "the file again")
+    "chunkd has no credential of the user to send this file with (it keeps none across a "
+    "restart, and `chunkd retry` has none); finalize the session again with the user's "
+    "credential to send it")
 NOT_FOLLOWABLE = _e(
     "not_followable", 502,
     "The file was handed to the transcription service as task {identifier}, but chunkd can no "

@@ -93,7 +93,7 @@ async def test_the_extension_list_stays_configurable(aiohttp_client, tmp_path):
 
 async def test_a_lost_task_ends_with_a_clear_error_and_retry_resends(aiohttp_client, double_url,
                                                                       tmp_path):
-    double = WhisperXDouble(variant="fork", token="t0k3n", lose_tasks=True)
+    double = WhisperXDouble(variant="fork", token="t0k3n", lose_tasks=True, audio_seconds=0.1)
     client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
                                    whisperx_token="t0k3n", whisperx_stall_timeout=1.0)
     sid, msgs = await run_upload(client)
@@ -111,6 +111,22 @@ async def test_a_lost_task_ends_with_a_clear_error_and_retry_resends(aiohttp_cli
     assert len(double.submissions) == 2 and again[-1]["identifier"] != first
 
 
+@pytest.mark.parametrize("variant", ["upstream", "fork"])
+async def test_a_long_healthy_task_is_not_taken_for_lost(aiohttp_client, double_url, tmp_path,
+                                                         variant):
+    """Upstream says only "processing" and the fork "transcribing 10" for the whole
+    transcription: no change for a while is normal for a long recording, and so is waiting in
+    line. The stall deadline grows with the audio's length, and a queued task never stalls."""
+    hold = asyncio.Event()
+    double = WhisperXDouble(variant=variant, token="t0k3n", hold=hold, audio_seconds=1.0,
+                            queue_seconds=1.5 if variant == "upstream" else 0.0)
+    client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
+                                   whisperx_token="t0k3n", whisperx_stall_timeout=0.5)
+    asyncio.get_running_loop().call_later(2.5, hold.set)  # 1 s of audio: a 3 s limit
+    _, msgs = await run_upload(client)
+    assert msgs[-1]["type"] == "progress" and msgs[-1]["stage"] == "complete", msgs[-1]
+
+
 async def test_following_has_an_overall_cap(aiohttp_client, double_url, tmp_path):
     hold = asyncio.Event()  # never set: the task keeps moving... nowhere
     double = WhisperXDouble(hold=hold)
@@ -126,12 +142,14 @@ async def test_polls_that_fail_for_a_while_do_not_fail_the_task(aiohttp_client, 
     stall deadline decides), however many in a row."""
     double = WhisperXDouble()
     app = double.app()
-    flaky = {"left": 6}
+    flaky = {"left": 8}
 
     @web.middleware
     async def failing_polls(request: web.Request, handler):
         if request.path.startswith("/task/") and flaky["left"] > 0:
             flaky["left"] -= 1
+            if flaky["left"] % 2:  # a proxy's maintenance page, with a 200
+                return web.Response(text="<html>maintenance</html>", content_type="text/html")
             return web.json_response({"error": {"message": "An internal error occurred",
                                                 "code": "INTERNAL_ERROR"}}, status=500)
         return await handler(request)
@@ -178,6 +196,51 @@ async def test_retry_after_is_honoured_not_a_tight_resend_loop(aiohttp_client, d
     assert any("busy" in m.get("message", "") for m in msgs if m["type"] == "progress")
 
 
+async def test_retry_after_within_the_window_outlasts_the_retry_count(aiohttp_client,
+                                                                     double_url, tmp_path):
+    """The service said when to come back: that is bounded by the window, not by the tries."""
+    hold = asyncio.Event()
+    double = WhisperXDouble(variant="fork", concurrency_retry_after=1, hold=hold)
+    user = double.add_user("ann", tier="pro")
+    url = await double_url(double)
+    async with aiohttp.ClientSession() as http:  # three of ann's own fill her 3 slots
+        for n in range(3):
+            form = aiohttp.FormData()
+            form.add_field("file", SPEECH, filename=f"{n}.wav", content_type="audio/wav")
+            async with http.post(f"{url}/speech-to-text", data=form, headers=user.bearer()) as r:
+                assert r.status == 200
+    client = await whisperx_client(aiohttp_client, tmp_path, double, url,
+                                   whisperx_token=user.api_key, handoff_retries=2)
+    asyncio.get_running_loop().call_later(3.2, hold.set)
+    _, msgs = await run_upload(client)
+    assert msgs[-1]["stage"] == "complete", msgs[-1]
+    assert double.answers.count(429) >= 3  # more waits than --handoff-retries
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_an_answer_that_may_follow_acceptance_is_not_resent(aiohttp_client, double_url,
+                                                                   tmp_path, status):
+    """A 500, or a gateway's 502/504, may come after the service took the file: sending it
+    again could make a second task, so it is reported (chunkd retry sends it again)."""
+    double = WhisperXDouble()
+    app = double.app()
+    posts = []
+
+    @web.middleware
+    async def gateway(request: web.Request, handler):
+        if request.method == "POST":
+            posts.append(await request.read())
+            return web.json_response({"detail": "upstream timed out"}, status=status)
+        return await handler(request)
+
+    app.middlewares.append(gateway)
+    client = await whisperx_client(aiohttp_client, tmp_path, double,
+                                   await double_url(Serving(app)), handoff_retries=5)
+    _, msgs = await run_upload(client)
+    assert msgs[-1]["type"] == "error" and msgs[-1]["error_code"] == f"http_{status}"
+    assert len(posts) == 1
+
+
 async def test_a_long_retry_after_ends_at_once_with_service_busy(aiohttp_client, double_url,
                                                                   tmp_path):
     double = WhisperXDouble(variant="fork", concurrency_retry_after=3600, hold=asyncio.Event())
@@ -212,6 +275,8 @@ async def test_stages_never_go_backwards_on_the_fork(aiohttp_client, double_url,
     assert {"aligning", "diarizing"} <= set(seen)
     pcts = [(ORDER.index(m["stage"]), m["percentage"]) for m in msgs if m["type"] == "progress"]
     assert pcts == sorted(pcts)
+    # progress_stage is null until the worker starts: that is no stage, not "transcribing 0"
+    assert (ORDER.index("transcribing"), 0) not in pcts
     assert double.tasks[double.submissions[0]["identifier"]].progress_looks > 0
 
 
@@ -240,13 +305,15 @@ async def test_auto_language_is_the_services_default_and_defaults_apply(aiohttp_
     double = WhisperXDouble()
     client = await whisperx_client(
         aiohttp_client, tmp_path, double, await double_url(double),
-        whisperx_defaults=(("device", "cpu"), ("compute_type", "int8"), ("batch_size", "4")))
+        whisperx_defaults=(("device", "cpu"), ("compute_type", "int8"), ("batch_size", "4"),
+                           ("suppress_tokens", "-1"), ("suppress_tokens", "50")))
     _, msgs = await run_upload(client, language="auto", task_params={"batch_size": 2})
     assert msgs[-1]["stage"] == "complete", msgs[-1]
     params = double.submissions[0]["params"]
     assert "language" not in params  # "auto" is no language code; the service picks its default
     assert params["device"] == "cpu" and params["compute_type"] == "int8"
     assert params["batch_size"] == "2"  # the session's own value wins
+    assert params["suppress_tokens"] == ["-1", "50"]  # a repeated default stays a list
 
 
 # -- the identifier in the open --------------------------------------------------------------
@@ -326,6 +393,62 @@ async def test_user_mode_finalize_needs_a_credential(aiohttp_client, double_url,
     assert (await resp.json())["error"]["code"] == "credential_required"
     assert (await status_of(client, sid))["status"] == "complete"  # nothing lost: ask again
     assert double.posts == 0
+
+
+@pytest.mark.parametrize("headers", [
+    {"Cookie": "__cf_bm=abc; theme=dark"},  # the origin's other cookies are no credential
+    {"Cookie": "session=s3ss10n; csrf_token=t0k"},  # a cookie without X-CSRF-Token cannot POST
+    {"Authorization": "Basic dXNlcjpwYXNz"},
+])
+async def test_user_mode_knows_what_is_no_credential(aiohttp_client, double_url, tmp_path,
+                                                     headers):
+    double = WhisperXDouble(variant="fork")
+    client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
+                                   whisperx_credentials="user")
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
+        await put_chunk(client, sid, i, part)
+    resp = await client.post(f"/upload/chunked/{sid}/finalize", headers=headers)
+    assert resp.status == 401 and (await resp.json())["error"]["code"] == "credential_required"
+
+
+def test_only_the_services_cookies_are_forwarded():
+    from chunkd.handoff.whisperx import user_credential
+
+    got = user_credential({"Cookie": "__cf_bm=cf; session=jwt.x.y; theme=dark; csrf_token=c5",
+                           "X-CSRF-Token": "c5"})
+    assert got is not None and dict(got.headers) == {"Cookie": "session=jwt.x.y; csrf_token=c5",
+                                                     "X-CSRF-Token": "c5"}
+    assert "jwt" not in repr(got)
+    bearer = user_credential({"Authorization": "Bearer whsk_1", "Cookie": "session=s"})
+    assert bearer is not None and dict(bearer.headers) == {"Authorization": "Bearer whsk_1"}
+
+
+async def test_user_mode_a_failed_task_is_sent_again_by_finalizing_again(aiohttp_client,
+                                                                          double_url, tmp_path):
+    """`chunkd retry` has no user credential; the user's own new finalize brings one."""
+    double = WhisperXDouble(variant="fork", fail_task="CUDA out of memory")
+    ann = double.add_user("ann")
+    client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
+                                   whisperx_credentials="user")
+    sid, msgs = await run_upload(client, headers=ann.bearer())
+    assert msgs[-1]["error_code"] == "transcription_out_of_memory"
+    task_id = msgs[-1]["task_id"]
+
+    await retry_task(client.server.app[STORE], task_id, ("submit",))  # the operator's retry
+    ws = await client.ws_connect(f"/ws/tasks/{sid}")
+    again = await asyncio.wait_for(collect(ws), 30)
+    assert again[-1]["error_code"] == "credential_lost"
+    assert "finalize the session again" in again[-1]["user_message"]
+
+    double.fail_task = None
+    resp = await client.post(f"/upload/chunked/{sid}/finalize", headers=ann.bearer())
+    assert resp.status == 200 and (await resp.json())["task_id"] == task_id
+    ws = await client.ws_connect(f"/ws/tasks/{sid}")
+    third = await asyncio.wait_for(collect(ws), 30)
+    assert third[-1]["stage"] == "complete" and third[-1]["result"] == RESULT
+    assert (await status_of(client, sid))["task"]["attempt"] == 3
+    assert [s["user"] for s in double.submissions] == ["ann", "ann"]
 
 
 async def test_a_wrong_csrf_token_is_the_services_refusal(aiohttp_client, double_url, tmp_path):
@@ -495,6 +618,9 @@ async def test_the_relay_copies_close_codes_both_ways(aiohttp_client, double_url
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         seen["query"], seen["cookie"] = request.query_string, request.headers.get("Cookie")
+        seen["auth"], seen["origin"] = (request.headers.get("Authorization"),
+                                        request.headers.get("Origin"))
+        seen["forwarded"] = request.headers.get("X-Forwarded-For")
         if request.match_info["id"] == "server-closes":
             await ws.send_str('{"type": "progress", "stage": "transcribing"}')
             await ws.close(code=4001, message=b"the service is done with you")
@@ -509,12 +635,15 @@ async def test_the_relay_copies_close_codes_both_ways(aiohttp_client, double_url
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
                                  whisperx_url=await double_url(Serving(app)))
     ws = await client.ws_connect("/ws/tasks/server-closes?ticket=abc",
-                                 headers={"Cookie": "session=s1"})
+                                 headers={"Cookie": "session=s1", "Authorization": "Bearer k",
+                                          "Origin": "https://app.example"})
     assert orjson.loads((await ws.receive()).data)["stage"] == "transcribing"
     msg = await asyncio.wait_for(ws.receive(), 5)
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert ws.close_code == 4001 and msg.extra == "the service is done with you"
     assert seen["query"] == "ticket=abc" and seen["cookie"] == "session=s1"
+    assert seen["auth"] == "Bearer k" and seen["origin"] == "https://app.example"
+    assert seen["forwarded"] == "127.0.0.1"
 
     ws = await client.ws_connect("/ws/tasks/echo")
     await ws.send_str("hello")
@@ -525,6 +654,76 @@ async def test_the_relay_copies_close_codes_both_ways(aiohttp_client, double_url
             break
         await asyncio.sleep(0.02)
     assert seen["client_code"] == 4002
+
+
+async def test_the_relay_only_relays_handshakes_for_plain_ids(aiohttp_client, double_url,
+                                                              tmp_path):
+    double = WhisperXDouble(variant="fork")
+    ann = double.add_user("ann")
+    url = await double_url(double)
+    client = await whisperx_client(aiohttp_client, tmp_path, double, url)
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("file", SPEECH, filename="d.wav", content_type="audio/wav")
+        async with http.post(f"{url}/speech-to-text", data=form, headers=ann.bearer()) as resp:
+            identifier = (await resp.json())["identifier"]
+        async with http.post(f"{url}/api/ws/ticket", json={"task_id": identifier},
+                             headers=ann.bearer()) as resp:
+            ticket = (await resp.json())["ticket"]
+    plain = await client.get(f"/ws/tasks/{identifier}?ticket={ticket}")  # no Upgrade
+    assert plain.status == 400 and (await plain.json())["error"]["code"] == "bad_request"
+    ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={ticket}")  # still unused
+    assert orjson.loads((await asyncio.wait_for(ws.receive(), 5)).data)["task_id"] == identifier
+    await ws.close()
+    for odd in ("..", "a.b", "%2E%2E", "x%2Fy", "%2E%2E%2Fapi"):  # never relayed: chunkd's 4404
+        head, frame = await raw_ws(client, f"/ws/tasks/{odd}")
+        assert head.startswith(b"HTTP/1.1 101"), (odd, head)
+        assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 4404, (odd, frame)
+
+
+async def raw_ws(client, path: str) -> tuple[bytes, bytes]:
+    """A WebSocket handshake for exactly ``path`` (no client-side normalisation of ``..``);
+    the status line and the first frame's first bytes."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    frame = await asyncio.wait_for(reader.read(64), 5)
+    writer.close()
+    return head, frame
+
+
+async def test_a_dropped_browser_is_a_1011_for_the_service(aiohttp_client, double_url, tmp_path):
+    closed: list[int | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("{}")
+        async for _ in ws:
+            pass
+        closed.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/tasks/{id}", socket)
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
+                                 whisperx_url=await double_url(Serving(app)))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /ws/tasks/t1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    await writer.drain()
+    assert b"101" in await asyncio.wait_for(reader.readline(), 5)
+    await asyncio.wait_for(reader.readuntil(b"{}"), 5)  # the service's first frame came through
+    writer.transport.abort()  # the browser vanishes: no close frame
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert closed == [1011]
 
 
 async def test_known_ids_stay_chunkds_and_unknown_ones_close_4404_without_relay(

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from chunkd.api.ws_proxy import relay
+from chunkd.api.ws_proxy import RELAYABLE_ID, relay
 from chunkd.errors import ChunkdError
 from chunkd.keys import CONFIG, HUB, RELAYS, SERVICE_WS, STORE
 from chunkd.progress import Close, Subscriber, close_code_for, now_iso
@@ -36,7 +36,9 @@ async def _known(store: SessionStore, any_id: str) -> bool:
 @routes.get("/ws/tasks/{id}")
 async def task_socket(request: web.Request) -> web.StreamResponse:
     service = request.app.get(SERVICE_WS)
-    if service is not None and not await _known(request.app[STORE], request.match_info["id"]):
+    any_id = request.match_info["id"]
+    if (service is not None and RELAYABLE_ID.fullmatch(any_id)
+            and not await _known(request.app[STORE], any_id)):
         return await relay(request, service, request.app[RELAYS])
     ws = web.WebSocketResponse(max_msg_size=64 * 1024)
     await ws.prepare(request)

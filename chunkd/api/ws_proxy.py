@@ -13,15 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from urllib.parse import quote
+import re
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from chunkd import errors as E
 
 log = logging.getLogger("chunkd.ws_proxy")
 
+#: Ids that are relayed: a plain token (the service's are UUIDs). Anything else (``..``, ``%2F``)
+#: is not, so a relayed handshake can only ever reach the service's ``/ws/tasks/{id}``.
+RELAYABLE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+#: Most relayed sockets open at once (each holds two connections); more get 503.
+MAX_RELAYS = 1000
 #: Request headers the service may need to tell who is asking.
 PASSED_HEADERS = ("Cookie", "Authorization", "Origin", "User-Agent")
 #: Close codes that cannot be sent in a close frame; an abrupt end is relayed as 1011.
@@ -59,39 +65,52 @@ class Relay:
 async def relay(request: web.Request, base_ws_url: str, relays: set[Relay]
                 ) -> web.StreamResponse:
     """Connect to the service's socket for this id, then relay both ways."""
-    target = f"{base_ws_url}/ws/tasks/{quote(request.match_info['id'], safe='')}"
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        # Not a WebSocket handshake: never open one to the service (it could use up a ticket).
+        raise E.BAD_REQUEST.saying("this is a WebSocket endpoint: send an Upgrade handshake")
+    if len(relays) >= MAX_RELAYS:
+        raise E.SERVER_BUSY()
+    target = f"{base_ws_url}/ws/tasks/{request.match_info['id']}"  # a plain id (RELAYABLE_ID)
     if request.query_string:
         target += "?" + request.query_string
     headers = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
+    forwarded = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{forwarded}, {request.remote}" if forwarded else str(
+        request.remote or "")
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                  if p.strip()]
-    http = aiohttp.ClientSession()
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+    pair: Relay | None = None
     try:
-        upstream = await http.ws_connect(
-            target, headers=headers, protocols=protocols, autoping=True, max_msg_size=1 << 20,
-            timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_GRACE), autoclose=False)
-    except aiohttp.WSServerHandshakeError as exc:
-        await http.close()
-        entry = _REFUSALS.get(exc.status)
-        reason = f"the transcription service refused this WebSocket ({exc.status})"
-        if entry is None:
-            raise E.BAD_GATEWAY.saying(reason) from None
-        raise entry.saying(reason) from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        await http.close()
-        raise E.BAD_GATEWAY.saying(
-            f"the transcription service's WebSocket cannot be reached ({type(exc).__name__})"
-        ) from None
-    ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
-    try:
+        try:
+            upstream = await http.ws_connect(
+                URL(target, encoded=True), headers=headers, protocols=protocols, autoping=True,
+                max_msg_size=1 << 20, timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_GRACE),
+                autoclose=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            entry = _REFUSALS.get(exc.status)
+            reason = f"the transcription service refused this WebSocket ({exc.status})"
+            if entry is None:
+                raise E.BAD_GATEWAY.saying(reason) from None
+            raise entry.saying(reason) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise E.BAD_GATEWAY.saying(
+                f"the transcription service's WebSocket cannot be reached ({type(exc).__name__})"
+            ) from None
+        ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+        pair = Relay(ws, upstream)
+        relays.add(pair)  # from here on, a shutdown closes it
         await ws.prepare(request)
     except BaseException:
-        await upstream.close()
+        if pair is not None:
+            relays.discard(pair)
+            with contextlib.suppress(Exception):
+                await pair.upstream.close()
         await http.close()
         raise
     # The relay runs in its own task: when the browser's connection drops, aiohttp cancels this
     # handler, and the close must still reach the service with the browser's code.
-    pump = asyncio.create_task(_relay_until_closed(http, Relay(ws, upstream), relays))
+    pump = asyncio.create_task(_relay_until_closed(http, pair, relays))
     _PUMPS.add(pump)
     pump.add_done_callback(_PUMPS.discard)
     await asyncio.shield(pump)
@@ -104,7 +123,6 @@ _PUMPS: set[asyncio.Task[None]] = set()
 
 async def _relay_until_closed(http: aiohttp.ClientSession, pair: Relay, relays: set[Relay]
                               ) -> None:
-    relays.add(pair)
     try:
         await _pump_both(pair.client, pair.upstream)
     except Exception:  # a relay must never take the server down; the sockets are closed below

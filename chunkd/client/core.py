@@ -358,6 +358,11 @@ class ChunkdClient:
                     raise ChunkdClientError(
                         0, f"ws_{ws.close_code}", f"progress stream closed: {ws.close_code} "
                         f"({meaning.get(ws.close_code or 0, 'unexpected')})")
+        except aiohttp.WSServerHandshakeError as exc:
+            # e.g. an id chunkd does not know, relayed to the WhisperX service, which refused it
+            raise ChunkdClientError(exc.status, f"ws_http_{exc.status}",
+                                    f"progress stream refused: HTTP {exc.status} (unknown session "
+                                    f"or task, or not yours)") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ChunkdClientError(0, "connection_error",
                                     f"cannot follow progress at {url}: {exc or type(exc).__name__}"

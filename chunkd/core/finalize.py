@@ -22,7 +22,7 @@ from chunkd.core.tasks import TaskRunner
 from chunkd.errors import ChunkdError
 from chunkd.handoff.base import Credential
 from chunkd.model.session import Claim, EndKind, SessionState
-from chunkd.model.task import Task
+from chunkd.model.task import Stage, Task
 from chunkd.store.base import SessionStore
 from chunkd.validate import MAGIC_BYTES_MAX, check_media
 
@@ -59,13 +59,18 @@ def stuck(state: SessionState, now: float) -> bool:
 async def finalize(store: SessionStore, runner: TaskRunner, session_id: str,
                    credential: Credential | None = None) -> Finalized | StillFinalizing:
     """Finalize the session. Idempotent: the same task every time, in any process.
-    ``credential`` (the end user's, for a hand-off that acts as them) goes to the task."""
+    ``credential`` (the end user's, for a hand-off that acts as them) goes to the task; given on
+    a session whose task failed, it sends the file again (same task, next attempt)."""
     deadline = time.monotonic() + WAIT_FOR_WINNER_SECONDS
     while True:
         state = await store.state(session_id)
         if state.failure is not None:
             raise ChunkdError.from_record(state.failure)
         if state.task is not None:
+            if credential is not None and state.task.stage is Stage.FAILED:
+                # The user's own retry: only they can send their file again (chunkd keeps no
+                # credential, so `chunkd retry` cannot).
+                return Finalized(await runner.send_again(session_id, credential))
             return Finalized(state.task)
         if state.claim is None:
             if state.missing:

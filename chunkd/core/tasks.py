@@ -118,6 +118,28 @@ class TaskRunner:
         self._spawn(lease, task, state.meta)
         return task
 
+    async def send_again(self, session_id: str, credential: Credential) -> Task:
+        """A failed task queued again by a new finalize that brings the end user's credential
+        (a hand-off acting as the user cannot be retried without one): driven here, with it.
+        A task that is not failed (or that another process holds) is returned as it is."""
+        lease = await self.store.acquire(session_id)
+        state = await self.store.state(session_id)
+        if lease is None or state.task is None or state.task.stage is not Stage.FAILED:
+            if lease is not None:
+                await self.store.release(lease)
+            assert state.task is not None
+            return state.task
+        try:
+            task = await _requeue(self.store, session_id, None, lease, self.handoff.once_claims,
+                                  "Sent again with the user's credential")
+        except BaseException:
+            await self.store.release(lease)
+            raise
+        self.hub.poke(session_id)
+        self._credentials[task.task_id] = credential
+        self._spawn(lease, task, state.meta)
+        return task
+
     async def adopt(self, state: SessionState) -> bool:
         """Take over the unfinished task of ``state`` if its lease is free (its owner died, or
         ``chunkd retry`` queued it again). True if this process now drives it."""
@@ -201,17 +223,24 @@ async def retry_task(store: SessionStore, task_id: str, once_claims: tuple[str, 
     if lease is None:
         raise E.TASK_BUSY(task_id=task_id)
     try:
-        task = (await store.state(sid)).task
-        if task is None or task.task_id != task_id:
-            raise E.TASK_NOT_FOUND(task_id=task_id)
-        if task.stage is not Stage.FAILED:
-            raise E.NOT_FAILED(task_id=task_id, stage=task.stage.value)
-        if await store.blob(sid) is None:
-            raise E.FILE_GONE(task_id=task_id)
-        for name in once_claims:
-            await store.release_once(sid, name)
-        task = task.requeued(store.clock(), "Queued again by chunkd retry")
-        await store.write_task(task, lease)
+        return await _requeue(store, sid, task_id, lease, once_claims,
+                              "Queued again by chunkd retry")
     finally:
         await store.release(lease)
+
+
+async def _requeue(store: SessionStore, sid: str, task_id: str | None, lease: Lease,
+                   once_claims: tuple[str, ...], message: str) -> Task:
+    """Under ``lease``: the failed task queued again, its one-time claims freed."""
+    task = (await store.state(sid)).task
+    if task is None or (task_id is not None and task.task_id != task_id):
+        raise E.TASK_NOT_FOUND(task_id=task_id)
+    if task.stage is not Stage.FAILED:
+        raise E.NOT_FAILED(task_id=task.task_id, stage=task.stage.value)
+    if await store.blob(sid) is None:
+        raise E.FILE_GONE(task_id=task.task_id)
+    for name in once_claims:
+        await store.release_once(sid, name)
+    task = task.requeued(store.clock(), message)
+    await store.write_task(task, lease)
     return task

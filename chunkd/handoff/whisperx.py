@@ -21,14 +21,16 @@ Exactly once: the submission is claimed (``submit.once``) before the POST and th
 remembered right after, so a restart polls the same task. A crash between the two leaves the
 claim without an identifier; that is reported (``submission_interrupted``), never guessed at by
 submitting again. Only answers that prove the service did not take the file (it could not be
-reached, or answered 5xx/429) are sent again, after the service's ``Retry-After`` (or a backoff
-at least as long as the last send took), within ``retry_window``; a timeout or a dropped
-connection after the file went out might have been accepted, so it is reported instead.
+reached, or answered 503/429: busy) are sent again: after the service's ``Retry-After`` for as
+long as ``retry_window`` allows, else after a backoff (at least as long as the last send took) up
+to ``retries`` times. A 500, a proxy's 502/504, a timeout or a dropped connection may come after
+the service took the file, so they are reported instead (``chunkd retry`` sends it again).
 
-Following ends on ``completed`` or ``failed``, and also when nothing moved for
-``stall_timeout`` (the service loses its running tasks on a restart and leaves them
-``processing`` forever) or after ``max_duration``: each is an error ``chunkd retry`` recovers
-from. Progress only moves forward.
+Following ends on ``completed`` or ``failed``, and also when nothing moved for ``stall_timeout``
+(or three times the audio's length, if longer; a task waiting ``queued`` for a worker never
+stalls) -- the service loses its running tasks on a restart and leaves them ``processing``
+forever -- or after ``max_duration``: each is an error ``chunkd retry`` recovers from. Looks that
+fail in between only wait. Progress only moves forward.
 
 Credentials: the service token (``--whisperx-token``), or, with ``--whisperx-credentials user``,
 the credential of the user who finalized (``job.credential``, memory only), so the task is
@@ -45,6 +47,7 @@ import ipaddress
 import random
 import time
 from collections.abc import Mapping, Sequence
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,17 +61,28 @@ from chunkd.handoff.base import Credential, Job, Outcome
 from chunkd.model.task import Stage
 from chunkd.store.base import Blob
 
-#: The headers of a finalize request that prove who the user is to the service: a Bearer API key
-#: wins there; otherwise its ``session`` cookie, with the CSRF token its cookie auth requires.
-USER_CREDENTIAL_HEADERS = ("Authorization", "Cookie", "X-CSRF-Token")
+#: The fork's cookie auth: its ``session`` cookie (a JWT) and the double-submit CSRF cookie,
+#: whose value the ``X-CSRF-Token`` header must repeat on a POST.
+SESSION_COOKIE = "session"
+CSRF_COOKIE = "csrf_token"
 
 
 def user_credential(headers: Mapping[str, str]) -> Credential | None:
-    """The user's credential from a request's headers; None if it carries none."""
-    found = {name: headers[name] for name in USER_CREDENTIAL_HEADERS if headers.get(name)}
-    if "Authorization" not in found and "Cookie" not in found:
+    """The user's credential for the service from a request's headers, or None: a Bearer
+    ``Authorization`` (an API key: it wins at the service), else the ``session`` cookie with
+    ``X-CSRF-Token``. Only those are kept: other cookies of the origin (e.g. Cloudflare's) are
+    not the service's business, and a cookie without the CSRF token could not submit."""
+    auth = headers.get("Authorization", "")
+    if auth.lower().startswith("bearer ") and auth[7:].strip():
+        return Credential({"Authorization": auth})
+    jar: SimpleCookie = SimpleCookie()
+    with contextlib.suppress(CookieError):
+        jar.load(headers.get("Cookie", ""))
+    csrf = headers.get("X-CSRF-Token", "")
+    if SESSION_COOKIE not in jar or not jar[SESSION_COOKIE].value or not csrf:
         return None
-    return Credential(found)
+    cookies = [f"{name}={jar[name].value}" for name in (SESSION_COOKIE, CSRF_COOKIE) if name in jar]
+    return Credential({"Cookie": "; ".join(cookies), "X-CSRF-Token": csrf})
 
 
 def _query_text(value: Any) -> str:
@@ -86,7 +100,10 @@ def query_params(job: Job, defaults: Sequence[tuple[str, str]] = ()) -> list[tup
     auto-detection and uses its own default language (``DEFAULT_LANG``, ``en``) when none is
     sent, which is what its own upload path does with ``auto`` too."""
     meta = job.meta
-    params: dict[str, Any] = dict(defaults)
+    repeated: dict[str, list[str]] = {}
+    for key, value in defaults:  # a repeated key is a list, as on the session's side
+        repeated.setdefault(key, []).append(value)
+    params: dict[str, Any] = {k: v[0] if len(v) == 1 else v for k, v in repeated.items()}
     if meta.language:
         params["language"] = meta.language
     if meta.model:
@@ -114,6 +131,24 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A 200 look's body, or :class:`_Transient` when it is not a JSON object."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _Transient("the answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise _Transient("the answer is not a JSON object")
+    return doc
+
+
+def _audio_seconds(doc: dict[str, Any]) -> float:
+    """The task's audio length from its ``metadata`` (0 when the service does not say)."""
+    metadata = doc.get("metadata")
+    value = metadata.get("audio_duration") if isinstance(metadata, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -162,6 +197,13 @@ def service_error(status: int, body: bytes) -> HandoffFailed:
             return E.SERVICE_REFUSED.forward("validation_error", msg or detail, detail)
         return E.SERVICE_REFUSED.forward(f"http_{status}", str(d), detail)
     return E.SERVICE_REFUSED.forward(f"http_{status}", answered, detail)
+
+
+#: Refusals that prove the service did not take the file (it says: busy, come back later).
+RESEND_STATUSES = (429, 503)
+#: A task may show no change for this many times its audio's length before it counts as lost
+#: (a CPU transcription runs at about real time; upstream reports no progress while it works).
+STALL_AUDIO_FACTOR = 3.0
 
 
 class _Transient(Exception):
@@ -248,8 +290,9 @@ class WhisperXHandoff:
         if job.blob is None:
             raise E.PROCESSING_FAILED.handoff("the finished file is gone")
         window_ends = time.monotonic() + self.retry_window
-        attempt = 0
-        for attempt in range(1, self.retries + 1):
+        sends = tries = 0  # tries: refusals that did not say when to come back
+        while True:
+            sends += 1
             sent_at = time.monotonic()
             asked: float | None = None  # the service's Retry-After
             try:
@@ -278,15 +321,19 @@ class WhisperXHandoff:
                         raise E.BAD_SERVICE_REPLY.handoff(
                             body[:2000].decode("utf-8", "replace")) from None
                 refused = service_error(status, body)
-                if status < 500 and status != 429:
-                    raise refused  # it will not get better
+                if status not in RESEND_STATUSES:
+                    # 4xx will not get better; a 500, or a proxy's 502/504, may come after the
+                    # service took the file: sending it again could make a second task.
+                    raise refused
                 last = f"{status} {refused.code}: {refused.message}"
-            if attempt == self.retries:
-                break
-            # Each try sends the whole file again: wait as the service asked, else back off, and
-            # never less than the send took (at most half the time goes to resending).
-            pause = asked if asked is not None else max(self._backoff(attempt),
-                                                        time.monotonic() - sent_at)
+            if asked is None:
+                tries += 1
+                if tries >= self.retries:
+                    break
+            # Each send is the whole file: wait as the service asked, else back off; never less
+            # than the send took (at most half the time goes to resending) or the retry delay.
+            pause = max(asked if asked is not None else self._backoff(tries),
+                        time.monotonic() - sent_at, self.retry_delay)
             if time.monotonic() + pause > window_ends:
                 if asked is not None:
                     raise E.SERVICE_BUSY.handoff(last, wait=asked, window=self.retry_window)
@@ -294,7 +341,7 @@ class WhisperXHandoff:
             await job.report(Stage.QUEUED, 0, f"The transcription service is busy; sending "
                              f"again in {pause:.0f} s")
             await asyncio.sleep(pause)
-        raise E.SERVICE_UNAVAILABLE.handoff(last, tries=attempt)
+        raise E.SERVICE_UNAVAILABLE.handoff(last, tries=sends)
 
     async def _follow(self, http: aiohttp.ClientSession, job: Job, identifier: str,
                       credentials: list[tuple[str, Credential | None]], submitted: float
@@ -303,15 +350,17 @@ class WhisperXHandoff:
         failures = 0
         seen: tuple[Any, ...] | None = None
         moved = time.monotonic()  # when the task last changed (or following began)
+        waiting = False  # queued: in line for a worker, which is no stall however long
+        stall_limit = self.stall_timeout
         while True:
             if time.time() - submitted > self.max_duration:
                 raise E.TRANSCRIPTION_TIMEOUT.handoff(
                     f"identifier {identifier}", identifier=identifier,
                     hours=self.max_duration / 3600)
-            if time.monotonic() - moved > self.stall_timeout:
+            if not waiting and time.monotonic() - moved > stall_limit:
                 raise E.SERVICE_STALLED.handoff(
                     f"identifier {identifier}; last seen {seen}", identifier=identifier,
-                    minutes=self.stall_timeout / 60)
+                    minutes=stall_limit / 60)
             who, credential = credentials[0]
             headers = dict(credential.headers) if credential is not None else {}
             try:
@@ -325,14 +374,16 @@ class WhisperXHandoff:
                         reason=f"the service answers {status} to {who}")
                 if status != 200:
                     raise service_error(status, body)
-                doc = orjson.loads(body)
+                doc = _json_object(body)  # e.g. a proxy's HTML maintenance page: look again
                 state = doc.get("status")
+                stall_limit = max(self.stall_timeout, STALL_AUDIO_FACTOR * _audio_seconds(doc))
                 if state == "completed":
                     return Outcome(message="Transcription complete", result=doc.get("result"))
                 if state == "failed":
                     raise task_failure(str(doc.get("error") or "the service gave no reason"))
                 progress = None
-                if state in ("queued", "pending"):  # the service's words for waiting
+                waiting = state in ("queued", "pending")  # the service's words for waiting
+                if waiting:
                     progress = (Stage.QUEUED, 0)
                 elif has_progress:
                     try:
@@ -376,10 +427,7 @@ class WhisperXHandoff:
             raise _NoProgressRoute
         if status != 200:
             raise _Transient(f"progress answered {status}")
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise _Transient("progress is not JSON") from None
+        doc = _json_object(body)
         try:
             stage = Stage(str(doc.get("progress_stage")))
         except ValueError:
