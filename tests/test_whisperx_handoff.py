@@ -44,6 +44,26 @@ async def status_of(client, sid: str) -> dict:
     return await (await client.get(f"/upload/chunked/{sid}/status")).json()
 
 
+async def submit_directly(url: str, headers: dict[str, str], name: str = "direct.wav",
+                          **params: str) -> str:
+    """What the fork's frontend does for a small file: POST it to the service itself."""
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("file", SPEECH, filename=name, content_type="audio/wav")
+        async with http.post(f"{url}/speech-to-text", data=form, headers=headers,
+                             params=params) as resp:
+            assert resp.status == 200, await resp.text()
+            return str((await resp.json())["identifier"])
+
+
+async def ticket_for(url: str, headers: dict[str, str], identifier: str) -> str:
+    """The fork's one-use WebSocket ticket for a task."""
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{url}/api/ws/ticket", json={"task_id": identifier}, headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
+        return str((await resp.json())["ticket"])
+
+
 # -- D1: lists as repeated query keys --------------------------------------------------------
 
 async def test_list_params_go_as_repeated_keys(aiohttp_client, double_url, tmp_path):
@@ -181,12 +201,7 @@ async def test_retry_after_is_honoured_not_a_tight_resend_loop(aiohttp_client, d
     user = double.add_user("ann", tier="free")  # one at a time
     url = await double_url(double)
     asyncio.get_running_loop().call_later(1.5, hold.set)
-    async with aiohttp.ClientSession() as http:  # ann's own upload occupies her one slot
-        form = aiohttp.FormData()
-        form.add_field("file", SPEECH, filename="first.wav", content_type="audio/wav")
-        async with http.post(f"{url}/speech-to-text", data=form, headers=user.bearer(),
-                             params={"model": "tiny"}) as resp:
-            assert resp.status == 200
+    await submit_directly(url, user.bearer(), model="tiny")  # it occupies ann's one slot
     client = await whisperx_client(aiohttp_client, tmp_path, double, url,
                                    whisperx_token=user.api_key, handoff_retries=5)
     _, msgs = await run_upload(client, model="tiny")
@@ -203,12 +218,8 @@ async def test_retry_after_within_the_window_outlasts_the_retry_count(aiohttp_cl
     double = WhisperXDouble(variant="fork", concurrency_retry_after=1, hold=hold)
     user = double.add_user("ann", tier="pro")
     url = await double_url(double)
-    async with aiohttp.ClientSession() as http:  # three of ann's own fill her 3 slots
-        for n in range(3):
-            form = aiohttp.FormData()
-            form.add_field("file", SPEECH, filename=f"{n}.wav", content_type="audio/wav")
-            async with http.post(f"{url}/speech-to-text", data=form, headers=user.bearer()) as r:
-                assert r.status == 200
+    for n in range(3):  # three of ann's own fill her 3 slots
+        await submit_directly(url, user.bearer(), f"{n}.wav")
     client = await whisperx_client(aiohttp_client, tmp_path, double, url,
                                    whisperx_token=user.api_key, handoff_retries=2)
     asyncio.get_running_loop().call_later(3.2, hold.set)
@@ -246,12 +257,7 @@ async def test_a_long_retry_after_ends_at_once_with_service_busy(aiohttp_client,
     double = WhisperXDouble(variant="fork", concurrency_retry_after=3600, hold=asyncio.Event())
     user = double.add_user("ann", tier="free")
     url = await double_url(double)
-    async with aiohttp.ClientSession() as http:
-        form = aiohttp.FormData()
-        form.add_field("file", SPEECH, filename="first.wav", content_type="audio/wav")
-        async with http.post(f"{url}/speech-to-text", data=form, headers=user.bearer(),
-                             params={"model": "tiny"}) as resp:
-            assert resp.status == 200
+    await submit_directly(url, user.bearer(), model="tiny")
     client = await whisperx_client(aiohttp_client, tmp_path, double, url,
                                    whisperx_token=user.api_key, handoff_retries=5)
     posts_before = double.posts
@@ -381,26 +387,13 @@ async def test_each_user_submits_as_themselves(aiohttp_client, double_url, tmp_p
             assert resp.status == 200 and (await resp.json())["result"] == RESULT
 
 
-async def test_user_mode_finalize_needs_a_credential(aiohttp_client, double_url, tmp_path):
-    double = WhisperXDouble(variant="fork")
-    client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
-                                   whisperx_credentials="user")
-    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
-    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
-        await put_chunk(client, sid, i, part)
-    resp = await client.post(f"/upload/chunked/{sid}/finalize")
-    assert resp.status == 401
-    assert (await resp.json())["error"]["code"] == "credential_required"
-    assert (await status_of(client, sid))["status"] == "complete"  # nothing lost: ask again
-    assert double.posts == 0
-
-
 @pytest.mark.parametrize("headers", [
+    {},
     {"Cookie": "__cf_bm=abc; theme=dark"},  # the origin's other cookies are no credential
     {"Cookie": "session=s3ss10n; csrf_token=t0k"},  # a cookie without X-CSRF-Token cannot POST
     {"Authorization": "Basic dXNlcjpwYXNz"},
-])
-async def test_user_mode_knows_what_is_no_credential(aiohttp_client, double_url, tmp_path,
+], ids=["none", "other-cookies", "no-csrf", "basic"])
+async def test_user_mode_finalize_needs_a_credential(aiohttp_client, double_url, tmp_path,
                                                      headers):
     double = WhisperXDouble(variant="fork")
     client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
@@ -409,7 +402,10 @@ async def test_user_mode_knows_what_is_no_credential(aiohttp_client, double_url,
     for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
         await put_chunk(client, sid, i, part)
     resp = await client.post(f"/upload/chunked/{sid}/finalize", headers=headers)
-    assert resp.status == 401 and (await resp.json())["error"]["code"] == "credential_required"
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "credential_required"
+    assert (await status_of(client, sid))["status"] == "complete"  # nothing lost: ask again
+    assert double.posts == 0
 
 
 def test_only_the_services_cookies_are_forwarded():
@@ -462,6 +458,21 @@ async def test_a_wrong_csrf_token_is_the_services_refusal(aiohttp_client, double
     assert double.submissions == []
 
 
+async def upload_over_http(http: aiohttp.ClientSession, url: str, headers: dict[str, str]
+                           ) -> str:
+    """Upload SPEECH to a chunkd process and finalize it with ``headers``; the session id."""
+    async with http.post(f"{url}/upload/chunked/session",
+                         json=session_body("speech.wav", len(SPEECH), CHUNK)) as resp:
+        sid = (await resp.json())["session_id"]
+    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
+        async with http.post(f"{url}/upload/chunked/{sid}/chunk", params={"index": i}, data=part,
+                             headers={"Content-Type": "application/octet-stream"}) as resp:
+            assert resp.status == 200
+    async with http.post(f"{url}/upload/chunked/{sid}/finalize", headers=headers) as resp:
+        assert resp.status == 200
+    return sid
+
+
 async def test_credentials_never_reach_the_disk_or_the_log(server_factory, aiohttp_server,
                                                            tmp_path):
     double = WhisperXDouble(variant="fork")
@@ -472,16 +483,7 @@ async def test_credentials_never_reach_the_disk_or_the_log(server_factory, aioht
                          "--whisperx-credentials", "user", "--whisperx-poll-interval", "0.05",
                          "--log-level", "debug")
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{srv.url}/upload/chunked/session",
-                             json=session_body("speech.wav", len(SPEECH), CHUNK)) as resp:
-            sid = (await resp.json())["session_id"]
-        for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
-            async with http.post(f"{srv.url}/upload/chunked/{sid}/chunk", params={"index": i},
-                                 data=part, headers={"Content-Type": "application/octet-stream"}):
-                pass
-        async with http.post(f"{srv.url}/upload/chunked/{sid}/finalize",
-                             headers=ann.cookie()) as resp:
-            assert resp.status == 200
+        sid = await upload_over_http(http, srv.url, ann.cookie())
         ws = await http.ws_connect(f"{srv.url}/ws/tasks/{sid}")
         msgs = await asyncio.wait_for(collect(ws), 30)
     assert msgs[-1]["stage"] == "complete"
@@ -506,16 +508,7 @@ async def test_after_a_restart_user_mode_reports_the_identifier_honestly(
             "--whisperx-poll-interval", "0.05")
     first = server_factory(*args)
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{first.url}/upload/chunked/session",
-                             json=session_body("speech.wav", len(SPEECH), CHUNK)) as resp:
-            sid = (await resp.json())["session_id"]
-        for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
-            async with http.post(f"{first.url}/upload/chunked/{sid}/chunk", params={"index": i},
-                                 data=part, headers={"Content-Type": "application/octet-stream"}):
-                pass
-        async with http.post(f"{first.url}/upload/chunked/{sid}/finalize",
-                             headers=ann.bearer()) as resp:
-            assert resp.status == 200
+        sid = await upload_over_http(http, first.url, ann.bearer())
         for _ in range(200):
             if double.tasks and next(iter(double.tasks.values())).looks >= 2:
                 break
@@ -539,34 +532,23 @@ async def test_unknown_ids_are_relayed_to_the_services_socket(aiohttp_client, do
     ann = double.add_user("ann")
     url = await double_url(double)
     client = await whisperx_client(aiohttp_client, tmp_path, double, url)
-    async with aiohttp.ClientSession() as http:
-        form = aiohttp.FormData()
-        form.add_field("file", SPEECH, filename="direct.wav", content_type="audio/wav")
-        async with http.post(f"{url}/speech-to-text", data=form, headers=ann.bearer()) as resp:
-            identifier = (await resp.json())["identifier"]
+    identifier = await submit_directly(url, ann.bearer())
+    good = await ticket_for(url, ann.bearer(), identifier)
+    ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={good}")
+    got: list[dict] = []
+    while not any(m.get("stage") == "complete" for m in got):
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        got.append(orjson.loads(msg.data))
+    await ws.send_str('{"type": "ping"}')
+    while orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)["type"] != "pong":
+        pass
+    await ws.close()
+    assert {m["task_id"] for m in got if m["type"] == "progress"} == {identifier}
 
-        async def ticket() -> str:
-            async with http.post(f"{url}/api/ws/ticket", json={"task_id": identifier},
-                                 headers=ann.bearer()) as resp:
-                assert resp.status == 201
-                return (await resp.json())["ticket"]
-
-        good = await ticket()
-        ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={good}")
-        got: list[dict] = []
-        while not any(m.get("stage") == "complete" for m in got):
-            msg = await asyncio.wait_for(ws.receive(), 10)
-            assert msg.type == aiohttp.WSMsgType.TEXT, msg
-            got.append(orjson.loads(msg.data))
-        await ws.send_str('{"type": "ping"}')
-        while orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)["type"] != "pong":
-            pass
-        await ws.close()
-        assert {m["task_id"] for m in got if m["type"] == "progress"} == {identifier}
-
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # the ticket is used up
-            await client.ws_connect(f"/ws/tasks/{identifier}?ticket={good}")
-        assert refused.value.status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # the ticket is used up
+        await client.ws_connect(f"/ws/tasks/{identifier}?ticket={good}")
+    assert refused.value.status == 403
 
 
 async def test_the_frontend_follows_a_chunkd_task_on_the_service(aiohttp_client, double_url,
@@ -591,10 +573,7 @@ async def test_the_frontend_follows_a_chunkd_task_on_the_service(aiohttp_client,
         await asyncio.sleep(0.05)
     assert identifier
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{url}/api/ws/ticket", json={"task_id": identifier},
-                             headers=ann.cookie()) as resp:
-            assert resp.status == 201, await resp.text()
-            ticket = (await resp.json())["ticket"]
+        ticket = await ticket_for(url, ann.cookie(), identifier)
         ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={ticket}",
                                      headers={"Cookie": ann.cookie()["Cookie"]})
         hold.set()
@@ -662,14 +641,8 @@ async def test_the_relay_only_relays_handshakes_for_plain_ids(aiohttp_client, do
     ann = double.add_user("ann")
     url = await double_url(double)
     client = await whisperx_client(aiohttp_client, tmp_path, double, url)
-    async with aiohttp.ClientSession() as http:
-        form = aiohttp.FormData()
-        form.add_field("file", SPEECH, filename="d.wav", content_type="audio/wav")
-        async with http.post(f"{url}/speech-to-text", data=form, headers=ann.bearer()) as resp:
-            identifier = (await resp.json())["identifier"]
-        async with http.post(f"{url}/api/ws/ticket", json={"task_id": identifier},
-                             headers=ann.bearer()) as resp:
-            ticket = (await resp.json())["ticket"]
+    identifier = await submit_directly(url, ann.bearer())
+    ticket = await ticket_for(url, ann.bearer(), identifier)
     plain = await client.get(f"/ws/tasks/{identifier}?ticket={ticket}")  # no Upgrade
     assert plain.status == 400 and (await plain.json())["error"]["code"] == "bad_request"
     ws = await client.ws_connect(f"/ws/tasks/{identifier}?ticket={ticket}")  # still unused
@@ -681,27 +654,33 @@ async def test_the_relay_only_relays_handshakes_for_plain_ids(aiohttp_client, do
         assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 4404, (odd, frame)
 
 
-async def raw_ws(client, path: str) -> tuple[bytes, bytes]:
-    """A WebSocket handshake for exactly ``path`` (no client-side normalisation of ``..``);
-    the status line and the first frame's first bytes."""
+async def raw_handshake(client, path: str):
+    """A WebSocket handshake for exactly ``path`` (no client-side normalisation of ``..``) on a
+    raw connection; the reader, the writer and the answer's head."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, head
+
+
+async def raw_ws(client, path: str) -> tuple[bytes, bytes]:
+    """The answer's head and the first frame's first bytes."""
+    reader, writer, head = await raw_handshake(client, path)
     frame = await asyncio.wait_for(reader.read(64), 5)
     writer.close()
     return head, frame
 
 
-async def test_a_dropped_browser_is_a_1011_for_the_service(aiohttp_client, double_url, tmp_path):
-    closed: list[int | None] = []
-
+def recording_service(closed: list[int | None], first: str = "{}") -> web.Application:
+    """A service socket at /ws/tasks/{id} that sends ``first``, then records the close code it
+    gets."""
     async def socket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str("{}")
+        await ws.send_str(first)
         async for _ in ws:
             pass
         closed.append(ws.close_code)
@@ -709,14 +688,15 @@ async def test_a_dropped_browser_is_a_1011_for_the_service(aiohttp_client, doubl
 
     app = web.Application()
     app.router.add_get("/ws/tasks/{id}", socket)
+    return app
+
+
+async def test_a_dropped_browser_is_a_1011_for_the_service(aiohttp_client, double_url, tmp_path):
+    closed: list[int | None] = []
     client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
-                                 whisperx_url=await double_url(Serving(app)))
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"GET /ws/tasks/t1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
-    await writer.drain()
-    assert b"101" in await asyncio.wait_for(reader.readline(), 5)
+                                 whisperx_url=await double_url(Serving(recording_service(closed))))
+    reader, writer, head = await raw_handshake(client, "/ws/tasks/t1")
+    assert head.startswith(b"HTTP/1.1 101")
     await asyncio.wait_for(reader.readuntil(b"{}"), 5)  # the service's first frame came through
     writer.transport.abort()  # the browser vanishes: no close frame
     for _ in range(100):
@@ -772,18 +752,7 @@ async def test_chunkd_upload_wait_as_a_user_of_the_fork(server_factory, aiohttp_
 
 async def test_sigterm_closes_relayed_sockets_on_both_sides(server_factory, aiohttp_server):
     closed: list[int | None] = []
-
-    async def socket(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_str('{"type": "heartbeat"}')
-        async for _ in ws:
-            pass
-        closed.append(ws.close_code)
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws/tasks/{id}", socket)
+    app = recording_service(closed, '{"type": "heartbeat"}')
     service = await aiohttp_server(app, host="127.0.0.1")
     srv = server_factory("--handoff", "whisperx",
                          "--whisperx-url", str(service.make_url("")).rstrip("/"))
