@@ -13,6 +13,7 @@ from chunkd.api.middleware import errors_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.api.ws_proxy import Relay, service_ws_url
+from chunkd.auth import make_authenticator
 from chunkd.config import Config
 from chunkd.core.periodic import Periodic
 from chunkd.core.recovery import recover_once
@@ -20,7 +21,7 @@ from chunkd.core.sweeper import sweep
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.handoff import make_handoff
-from chunkd.keys import CONFIG, DRAIN, HUB, RELAYS, RUNNER, SERVICE_WS, STORE
+from chunkd.keys import AUTH, CONFIG, DRAIN, HUB, RELAYS, RUNNER, SERVICE_WS, STORE
 from chunkd.progress import ProgressHub
 from chunkd.store import FileSystemStore, SessionStore
 from chunkd.validate import warm_up
@@ -71,6 +72,9 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app[HUB] = hub
     app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app[RELAYS] = set()
+    authenticator = make_authenticator(config)
+    if authenticator is not None:
+        app[AUTH] = authenticator
     if config.handoff == "whisperx" and config.whisperx_ws_proxy and config.whisperx_url:
         app[SERVICE_WS] = service_ws_url(config.whisperx_url)
     app.add_routes(upload_routes)

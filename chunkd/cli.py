@@ -59,6 +59,10 @@ _HELP = {
     "whisperx_ws_proxy": "proxy /ws/tasks/{id} for ids chunkd does not know to the service: "
     "on|off (default on)",
     "handoff_command": "program run with the file path as last argument (command hand-off)",
+    "jwt_secret": "HS256 secret of the main app's JWTs; turns auth on (prefer the file)",
+    "jwt_secret_file": "file holding the JWT secret (first line); turns auth on",
+    "jwt_audience": "required aud claim of the JWTs (default: not checked)",
+    "api_keys_file": "API keys for scripts, one '<subject> <key>' per line; turns auth on",
     "handoff_retries": "tries for a hand-off step that can succeed later (default 5)",
     "handoff_retry_delay": "first pause between those tries, doubled each time (default 1s)",
 }
@@ -125,7 +129,20 @@ def describe(config: Config, url: str) -> str:
         f"{_duration(config.sweep_interval)}",
         f"  durability   {'fdatasync every chunk' if config.durable else 'off (no fsync)'}",
         f"  hand-off     {_handoff_line(config)}",
+        f"  auth         {_auth_line(config)}",
     ])
+
+
+def _auth_line(config: Config) -> str:
+    if not config.auth_on:
+        return "off: anyone who reaches chunkd may upload (set --jwt-secret-file or --api-keys-file)"
+    parts = []
+    if config.jwt_secret or config.jwt_secret_file:
+        aud = f", audience {config.jwt_audience}" if config.jwt_audience else ""
+        parts.append(f"JWT (HS256{aud})")
+    if config.api_keys_file:
+        parts.append(f"API keys from {config.api_keys_file}")
+    return "bearer tokens: " + " and ".join(parts)
 
 
 def _handoff_line(config: Config) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -114,10 +114,23 @@ class Config:
     whisperx_ws_proxy: bool = True
     #: Program run with the file's path as its last argument (``handoff=command``).
     handoff_command: str | None = None
+    #: Shared HS256 secret of the JWTs the main app signs (turns auth on). Never printed.
+    jwt_secret: str | None = field(default=None, repr=False)
+    #: The same, read from a file (first line), so it stays out of ``ps`` and the environment.
+    jwt_secret_file: Path | None = None
+    #: When set, a JWT's ``aud`` must be this.
+    jwt_audience: str | None = None
+    #: Static API keys for scripts: one ``<subject> <key>`` per line (turns auth on).
+    api_keys_file: Path | None = None
     #: Tries of a hand-off step that can succeed later (service down, 5xx) before giving up.
     handoff_retries: int = 5
     #: First pause between those tries, doubled each time (with jitter).
     handoff_retry_delay: float = 1.0
+
+    @property
+    def auth_on(self) -> bool:
+        """Is a credential source configured (then every request but /healthz needs a token)?"""
+        return bool(self.jwt_secret or self.jwt_secret_file or self.api_keys_file)
 
     @property
     def completed_dir(self) -> Path:
@@ -178,6 +191,10 @@ class Config:
         for ext in self.allowed_extensions:
             if not re.fullmatch(r"[a-z0-9]{1,10}", ext):
                 raise ConfigError(f"bad extension {ext!r}: use lower-case letters and digits, no dot")
+        if self.jwt_secret and self.jwt_secret_file is not None:
+            raise ConfigError("give the JWT secret once: --jwt-secret or --jwt-secret-file")
+        if self.jwt_audience is not None and not (self.jwt_secret or self.jwt_secret_file):
+            raise ConfigError("--jwt-audience needs --jwt-secret or --jwt-secret-file")
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise ConfigError(f"data dir {self.data_dir} exists and is not a folder")
         return self
@@ -272,6 +289,10 @@ PARSERS: dict[str, Any] = {
     "whisperx_defaults": parse_query,
     "whisperx_ws_proxy": parse_bool,
     "handoff_command": str,
+    "jwt_secret": str,
+    "jwt_secret_file": Path,
+    "jwt_audience": str,
+    "api_keys_file": Path,
     "handoff_retries": parse_int,
     "handoff_retry_delay": parse_duration,
 }

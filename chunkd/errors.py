@@ -111,11 +111,17 @@ INVALID_BODY = _e("invalid_body", 400, "the request body could not be read")
 CLIENT_DISCONNECTED = _e("client_disconnected", 400, "the connection was closed")
 # -- 401 / 403: who is asking -----------------------------------------------------------------
 UNAUTHORIZED = _e("unauthorized", 401, "a valid bearer token is required")
+MISSING_TOKEN = _e("missing_token", 401,
+                   "a bearer token is required (Authorization: Bearer <token>; on a WebSocket "
+                   "also ?access_token=<token>)")
+INVALID_TOKEN = _e("invalid_token", 401, "the bearer token is not valid")
+TOKEN_EXPIRED = _e("token_expired", 401, "the bearer token has expired; get a new one")
 FORBIDDEN = _e("forbidden", 403, "this token may not access this upload session")
 CREDENTIAL_REQUIRED = _e(
     "credential_required", 401,
-    "finalize needs your transcription service credential: an Authorization header, or the "
-    "service's session cookie (with X-CSRF-Token)")
+    "finalize needs your transcription service credential: a Bearer key in "
+    "X-WhisperX-Authorization (or Authorization, when chunkd's own auth is off), or the "
+    "service's session cookie with X-CSRF-Token")
 # -- 404 ----------------------------------------------------------------------------------------
 NOT_FOUND = _e("not_found", 404, "no such resource")
 SESSION_NOT_FOUND = _e("session_not_found", 404, "no upload session with this id")

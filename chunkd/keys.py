@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from chunkd.api.ws_proxy import Relay
+from chunkd.auth import Authenticator
 from chunkd.config import Config
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
@@ -18,3 +19,5 @@ DRAIN = web.AppKey("drain", Drain)
 SERVICE_WS = web.AppKey("service_ws", str)
 #: The relayed socket pairs that are open (closed with GOING_AWAY at shutdown).
 RELAYS = web.AppKey("relays", set[Relay])
+#: Who is asking (absent when auth is off).
+AUTH = web.AppKey("auth", Authenticator)

@@ -770,3 +770,33 @@ async def test_sigterm_closes_relayed_sockets_on_both_sides(server_factory, aioh
     assert closed == [1001]
     srv.proc.wait(20)
     assert srv.proc.returncode == 0
+
+
+async def test_with_chunkds_own_auth_the_users_key_has_its_own_header(aiohttp_client, double_url,
+                                                                      tmp_path):
+    """Authorization carries chunkd's token then; the service key is X-WhisperX-Authorization."""
+    import time
+
+    import jwt
+
+    secret = "a-secret-shared-with-the-main-app-of-enough-length"
+    double = WhisperXDouble(variant="fork")
+    ann = double.add_user("ann")
+    client = await whisperx_client(aiohttp_client, tmp_path, double, await double_url(double),
+                                   whisperx_credentials="user", jwt_secret=secret)
+    mine = {"Authorization": "Bearer " + jwt.encode(
+        {"sub": "ann", "exp": int(time.time()) + 600}, secret, algorithm="HS256")}
+    sid = (await (await client.post("/upload/chunked/session", headers=mine, json=session_body(
+        "speech.wav", len(SPEECH), CHUNK))).json())["session_id"]
+    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
+        assert (await put_chunk(client, sid, i, part, **mine)).status == 200
+    refused = await client.post(f"/upload/chunked/{sid}/finalize", headers=mine)
+    assert (await refused.json())["error"]["code"] == "credential_required"  # chunkd's is not it
+    resp = await client.post(f"/upload/chunked/{sid}/finalize", headers={
+        **mine, "X-WhisperX-Authorization": ann.bearer()["Authorization"]})
+    assert resp.status == 200, await resp.text()
+    for _ in range(200):
+        if double.submissions:
+            break
+        await asyncio.sleep(0.05)
+    assert double.submissions[0]["user"] == "ann"

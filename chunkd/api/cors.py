@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization, X-CSRF-Token"
+ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization, X-CSRF-Token, X-WhisperX-Authorization"
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 
 

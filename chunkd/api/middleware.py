@@ -29,7 +29,12 @@ def error_response(exc: ChunkdError) -> web.Response:
         body = orjson.dumps(exc.to_json())
     except TypeError:  # a detail JSON cannot hold (e.g. an integer past 64 bits): drop details
         body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
-    return web.Response(status=exc.status, body=body, content_type="application/json")
+    resp = web.Response(status=exc.status, body=body, content_type="application/json")
+    if exc.status == 401:  # RFC 6750: say which scheme, and why
+        reason = "invalid_token" if exc.code in ("invalid_token", "token_expired") else ""
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="chunkd"' + (
+            f', error="{reason}"' if reason else "")
+    return resp
 
 
 def _aiohttp_error(status: int, message: str, other: ErrorCode = E.HTTP_ERROR) -> ChunkdError:

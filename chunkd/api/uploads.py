@@ -14,6 +14,7 @@ from aiohttp import web
 
 from chunkd import __version__
 from chunkd import errors as E
+from chunkd.api.access import check_owner, subject_of
 from chunkd.api.body import RequestBody
 from chunkd.core import uploads
 from chunkd.core.finalize import StillFinalizing, finalize
@@ -47,6 +48,7 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.post("/upload/chunked/session")
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
+    subject = subject_of(request)
     if request.content_type not in ("application/json", "application/octet-stream"):
         raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/json")
     raw = await request.read()  # bounded by client_max_size (1 MiB): 413 beyond it
@@ -56,7 +58,7 @@ async def create_session(request: web.Request) -> web.Response:
         raise E.INVALID_JSON.saying(f"the body is not valid JSON: {exc}") from None
     store = request.app[STORE]
     fields = check_new_session(doc, config, store.limits)
-    meta = await store.create(ttl=config.session_ttl, **fields)
+    meta = await store.create(ttl=config.session_ttl, owner=subject, **fields)
     return json_response(
         {
             "session_id": meta.session_id,
@@ -97,7 +99,9 @@ def _checksum(request: web.Request) -> str | None:
 @routes.post("/upload/chunked/{session_id}/chunk")
 async def put_chunk(request: web.Request) -> web.Response:
     store = request.app[STORE]
+    subject = subject_of(request)
     meta = await store.get(request.match_info["session_id"])
+    check_owner(meta, subject)
     index = _chunk_index(request, meta.total_chunks)
     if request.content_type != "application/octet-stream":
         raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/octet-stream")
@@ -154,7 +158,9 @@ def status_document(state: SessionState) -> dict[str, Any]:
 
 @routes.get("/upload/chunked/{session_id}/status")
 async def get_status(request: web.Request) -> web.Response:
+    subject = subject_of(request)
     state = await request.app[STORE].state(request.match_info["session_id"])
+    check_owner(state.meta, subject)
     return json_response(status_document(state))
 
 
@@ -162,11 +168,13 @@ async def get_status(request: web.Request) -> web.Response:
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     started = time.perf_counter()
+    subject = subject_of(request)  # 401 before anything about the session is said
+    check_owner(await request.app[STORE].get(sid), subject)
     credential = None
     config = request.app[CONFIG]
     if config.handoff == "whisperx" and config.whisperx_credentials == "user":
         # The task will be the user's on the service: it needs their credential (memory only).
-        credential = user_credential(request.headers)
+        credential = user_credential(request.headers, chunkd_auth=config.auth_on)
         if credential is None:
             raise E.CREDENTIAL_REQUIRED()
     outcome = await finalize(request.app[STORE], request.app[RUNNER], sid, credential)
@@ -194,6 +202,8 @@ async def finalize_session(request: web.Request) -> web.Response:
 @routes.delete("/upload/chunked/{session_id}/abort")
 async def abort_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
+    subject = subject_of(request)  # 401 before anything about the session is said
+    check_owner(await request.app[STORE].get(sid), subject)
     await uploads.abort(request.app[STORE], sid)
     request.app[HUB].poke(sid)
     return json_response(

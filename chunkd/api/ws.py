@@ -10,9 +10,11 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from chunkd.api.access import check_owner, subject_of
 from chunkd.api.ws_proxy import RELAYABLE_ID, relay
 from chunkd.errors import ChunkdError
 from chunkd.keys import CONFIG, HUB, RELAYS, SERVICE_WS, STORE
+from chunkd.model.session import SessionMeta
 from chunkd.progress import Close, Subscriber, close_code_for, now_iso
 from chunkd.store.base import SessionStore
 
@@ -24,22 +26,26 @@ async def _send(ws: web.WebSocketResponse, msg: dict[str, Any]) -> None:
     await ws.send_str(orjson.dumps(msg).decode())
 
 
-async def _known(store: SessionStore, any_id: str) -> bool:
-    """Does chunkd have this session or task (live, or ended: it answers for both)?"""
+async def _meta(store: SessionStore, any_id: str) -> tuple[bool, SessionMeta | None]:
+    """Does chunkd have this session or task (live, or ended: it answers for both)? And its
+    metadata while it is not gone."""
     try:
-        await store.get(await store.resolve(any_id))
+        return True, await store.get(await store.resolve(any_id))
     except ChunkdError as exc:
-        return exc.status != 404
-    return True
+        return exc.status != 404, None
 
 
 @routes.get("/ws/tasks/{id}")
 async def task_socket(request: web.Request) -> web.StreamResponse:
     service = request.app.get(SERVICE_WS)
     any_id = request.match_info["id"]
-    if (service is not None and RELAYABLE_ID.fullmatch(any_id)
-            and not await _known(request.app[STORE], any_id)):
+    known, meta = await _meta(request.app[STORE], any_id)
+    if service is not None and not known and RELAYABLE_ID.fullmatch(any_id):
+        # The service's own task: the service checks who is asking (its ticket), not chunkd.
         return await relay(request, service, request.app[RELAYS])
+    subject = subject_of(request, websocket=True)  # refused before the handshake: 401 / 403
+    if meta is not None:
+        check_owner(meta, subject)
     ws = web.WebSocketResponse(max_msg_size=64 * 1024)
     await ws.prepare(request)
     hub = request.app[HUB]

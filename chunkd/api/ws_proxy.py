@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -71,8 +72,10 @@ async def relay(request: web.Request, base_ws_url: str, relays: set[Relay]
     if len(relays) >= MAX_RELAYS:
         raise E.SERVER_BUSY()
     target = f"{base_ws_url}/ws/tasks/{request.match_info['id']}"  # a plain id (RELAYABLE_ID)
-    if request.query_string:
-        target += "?" + request.query_string
+    # chunkd's own token (?access_token=) is not the service's business
+    query = [(k, v) for k, v in request.rel_url.query.items() if k != "access_token"]
+    if query:
+        target += "?" + urlencode(query)
     headers = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
     forwarded = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{forwarded}, {request.remote}" if forwarded else str(

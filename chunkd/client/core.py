@@ -114,6 +114,7 @@ class ChunkdClient:
         timeout: float = 600.0,
         session: aiohttp.ClientSession | None = None,
         headers: dict[str, str] | None = None,
+        token: str | Callable[[], str | Awaitable[str]] | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -130,6 +131,9 @@ class ChunkdClient:
         #: Sent with every request (e.g. the user's ``Authorization`` for a server that acts as
         #: them towards the transcription service).
         self.headers = dict(headers or {})
+        #: chunkd's bearer token (a server with auth on): a string, or a function returning a
+        #: fresh one (called before each request, so a long upload outlives a short token).
+        self.token = token
         #: Failed requests by HTTP status (0: no answer), retried ones included.
         self.errors: Counter[int] = Counter()
 
@@ -155,7 +159,16 @@ class ChunkdClient:
 
     # -- the five endpoints ----------------------------------------------------------------
 
+    async def _auth_headers(self) -> dict[str, str]:
+        if self.token is None:
+            return {}
+        token = self.token() if callable(self.token) else self.token
+        if not isinstance(token, str):
+            token = await token
+        return {"Authorization": f"Bearer {token}"}
+
     async def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        kwargs["headers"] = {**kwargs.get("headers", {}), **await self._auth_headers()}
         try:
             async with self.http.request(method, self.base_url + path, **kwargs) as resp:
                 body = await resp.read()
@@ -343,7 +356,7 @@ class ChunkdClient:
         last: dict[str, Any] | None = None
         try:
             async with self.http.ws_connect(url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(
-                    ws_close=10)) as ws:
+                    ws_close=10), headers=await self._auth_headers()) as ws:
                 async for msg in ws:
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         continue

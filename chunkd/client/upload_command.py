@@ -73,6 +73,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--chunk-size", help="chunk size, e.g. 50MiB (default: the server's)")
     p.add_argument("--wait", action="store_true",
                    help="after the upload, follow the processing and print the result")
+    p.add_argument("--token", default=os.environ.get("CHUNKD_TOKEN"),
+                   help="chunkd's bearer token, for a server with auth on (default: $CHUNKD_TOKEN)")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="send this header with every request, e.g. 'Authorization: Bearer "
                    "whsk_...' for a server that acts as you towards the transcription service "
@@ -134,7 +136,7 @@ async def _run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     async with ChunkdClient(args.url, parallel=args.parallel, chunk_size=chunk_size,
-                            headers=headers) as client:
+                            headers=headers, token=args.token or None) as client:
         try:
             try:
                 result = await client.upload(

@@ -67,14 +67,22 @@ SESSION_COOKIE = "session"
 CSRF_COOKIE = "csrf_token"
 
 
-def user_credential(headers: Mapping[str, str]) -> Credential | None:
-    """The user's credential for the service from a request's headers, or None: a Bearer
-    ``Authorization`` (an API key: it wins at the service), else the ``session`` cookie with
-    ``X-CSRF-Token``. Only those are kept: other cookies of the origin (e.g. Cloudflare's) are
-    not the service's business, and a cookie without the CSRF token could not submit."""
-    auth = headers.get("Authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return Credential({"Authorization": auth})
+#: Where a user's service API key travels when ``Authorization`` carries chunkd's own token.
+SERVICE_AUTH_HEADER = "X-WhisperX-Authorization"
+
+
+def user_credential(headers: Mapping[str, str], *, chunkd_auth: bool = False
+                    ) -> Credential | None:
+    """The user's credential for the service from a request's headers, or None: a Bearer key
+    in ``X-WhisperX-Authorization`` (or in ``Authorization`` when chunkd's own auth is off and
+    that header is free), else the ``session`` cookie with ``X-CSRF-Token``. Only those are
+    kept: other cookies of the origin (e.g. Cloudflare's) are not the service's business, and
+    a cookie without the CSRF token could not submit."""
+    names = (SERVICE_AUTH_HEADER,) if chunkd_auth else (SERVICE_AUTH_HEADER, "Authorization")
+    for name in names:
+        auth = headers.get(name, "")
+        if auth.lower().startswith("bearer ") and auth[7:].strip():
+            return Credential({"Authorization": auth})
     jar: SimpleCookie = SimpleCookie()
     with contextlib.suppress(CookieError):
         jar.load(headers.get("Cookie", ""))

@@ -39,6 +39,8 @@ class SessionMeta:
     language: str | None = None
     model: str | None = None
     task_params: dict[str, Any] = field(default_factory=dict)
+    #: The subject (user) that created the session, when auth is on; only it may touch it.
+    owner: str | None = None
 
     def chunk_offset(self, index: int) -> int:
         return index * self.chunk_size
@@ -60,6 +62,7 @@ class SessionMeta:
             "language": self.language,
             "model": self.model,
             "task_params": self.task_params,
+            "owner": self.owner,
         }
 
     @classmethod
