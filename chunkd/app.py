@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from chunkd.api.cors import cors_middleware
-from chunkd.api.middleware import errors_middleware
+from chunkd.api.middleware import errors_middleware, server_header
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.api.ws_proxy import Relay, service_ws_url
@@ -81,4 +81,5 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app.add_routes(ws_routes)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(server_header)
     return app

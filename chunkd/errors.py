@@ -144,6 +144,9 @@ FILE_GONE = _e("file_gone", 409, "the file of task {task_id} is gone; it cannot 
 # -- 410: the session ended -------------------------------------------------------------------
 SESSION_EXPIRED = _e("session_expired", 410, "this upload session has expired")
 SESSION_ABORTED = _e("session_aborted", 410, "this upload session was aborted")
+# -- 417 ----------------------------------------------------------------------------------------
+EXPECTATION_FAILED = _e("expectation_failed", 417,
+                        "the only Expect this server knows is 100-continue")
 # -- 413 ----------------------------------------------------------------------------------------
 TOO_LARGE = _e("too_large", 413, "the request is too large")
 FILE_TOO_LARGE = _e("file_too_large", 413, "total_size is over the limit of {max_file_size} bytes")

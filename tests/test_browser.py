@@ -111,4 +111,4 @@ async def test_browser_upload_with_live_progress(aiohttp_server, aiohttp_client,
     assert msgs[-1]["type"] == "progress" and msgs[-1]["stage"] == "complete"
     data = (MEDIA / "speech.wav").read_bytes()
     assert result["sha256"] == sha256(data)
-    assert sha256(Path(result["finalize"]["location"]).read_bytes()) == sha256(data)
+    assert sha256((config.data_dir / result["finalize"]["location"]).read_bytes()) == sha256(data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import aiohttp
 
@@ -25,7 +24,7 @@ SPEECH = (MEDIA / "speech.wav").read_bytes()
 CHUNK = 65536
 
 
-async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client):
+async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client, config):
     parts = chunks_of(SPEECH, CHUNK)
     sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
     for i, part in enumerate(parts):
@@ -38,7 +37,7 @@ async def test_a_late_duplicate_cannot_overwrite_a_finalized_file(client):
     await writer.drain()
     assert b"200" in await status_line(reader)  # read and dropped: the chunk was counted
     writer.close()
-    assert sha256(Path(final["location"]).read_bytes()) == sha256(SPEECH)
+    assert sha256((config.data_dir / final["location"]).read_bytes()) == sha256(SPEECH)
 
 
 async def test_one_writer_per_chunk(client, monkeypatch):
@@ -86,7 +85,7 @@ async def test_a_silent_body_is_cut_off(aiohttp_client, tmp_path):
     assert (await put_chunk(client, sid, 2, parts[2])).status == 200
 
 
-async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, monkeypatch):
+async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, config, monkeypatch):
     import chunkd.core.finalize as fin
     from chunkd.core.recovery import recover_once
     from chunkd.keys import RUNNER, STORE
@@ -107,7 +106,7 @@ async def test_a_finalize_cut_by_a_crash_is_finished_by_the_runner(client, monke
     await recover_once(store, runner)
     status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
     assert status["status"] == "completed" and status["task_id"] == claim.task_id
-    assert sha256(Path(status["task"]["location"]).read_bytes()) == sha256(SPEECH)
+    assert sha256((config.data_dir / status["task"]["location"]).read_bytes()) == sha256(SPEECH)
 
 
 async def test_unreadable_bodies_and_nested_params_are_clear_errors(client):

@@ -80,7 +80,7 @@ async def test_kill9_mid_chunk_then_resume(server_factory, tmp_path: Path):
             await send(http, srv2.url, sid, i, parts[i])
         async with http.post(f"{srv2.url}/upload/chunked/{sid}/finalize") as resp:
             assert resp.status == 200, await resp.text()
-            location = Path((await resp.json())["location"])
+            location = srv2.data_dir / (await resp.json())["location"]
     assert sha256(location.read_bytes()) == sha256(data)
 
 

@@ -18,6 +18,14 @@ from chunkd.errors import ChunkdError, ErrorCode
 
 log = logging.getLogger("chunkd")
 
+#: The ``Server`` header of every answer: no version of Python or aiohttp for scanners.
+SERVER_NAME = "chunkd"
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: replace aiohttp's ``Server: Python/3.x aiohttp/3.y``."""
+    response.headers["Server"] = SERVER_NAME
+
 #: aiohttp's own HTTP errors (unknown route, wrong method, body over client_max_size, ...).
 _HTTP_CODES = {e.status: e for e in (E.BAD_REQUEST, E.NOT_FOUND, E.METHOD_NOT_ALLOWED,
                                      E.TOO_LARGE)}
@@ -34,6 +42,19 @@ def error_response(exc: ChunkdError) -> web.Response:
         reason = "invalid_token" if exc.code in ("invalid_token", "token_expired") else ""
         resp.headers["WWW-Authenticate"] = 'Bearer realm="chunkd"' + (
             f', error="{reason}"' if reason else "")
+    return resp
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect:`` runs before any middleware: ``100-continue`` as aiohttp does, anything else a
+    JSON 417 that does not echo the header (aiohttp's own is text/plain and quotes it)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    resp = error_response(E.EXPECTATION_FAILED())
+    resp.force_close()  # the body that may follow is not read
     return resp
 
 
@@ -92,13 +113,22 @@ class _JsonErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises if already answering
+        # A bad request from the internet is one short line: no traceback, no echo of the input
+        # (aiohttp's own would log a traceback each time and quote up to 8 KB of the request).
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("unparseable request from %s: %s", request.remote,
+                     type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:  # some of an answer went out: the connection is done
+            raise ConnectionError("response already started; cannot send the error")
         if status >= 500:
             resp = error_response(E.INTERNAL_ERROR())
         else:
             phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-            message = f"the HTTP request could not be parsed ({type(exc).__name__ if exc else phrase})"
-            resp = error_response(_aiohttp_error(status, message, E.BAD_REQUEST))
+            text = f"the HTTP request could not be parsed ({phrase or status})"
+            resp = error_response(_aiohttp_error(status, text, E.BAD_REQUEST))
+        resp.headers["Server"] = SERVER_NAME
         resp.force_close()
         return resp
 

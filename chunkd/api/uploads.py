@@ -16,6 +16,7 @@ from chunkd import __version__
 from chunkd import errors as E
 from chunkd.api.access import check_owner, subject_of
 from chunkd.api.body import RequestBody
+from chunkd.api.middleware import expect_handler
 from chunkd.core import uploads
 from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.handoff.whisperx import user_credential
@@ -37,7 +38,7 @@ def json_response(doc: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
 
 
-@routes.get("/healthz")
+@routes.get("/healthz", expect_handler=expect_handler)
 async def healthz(request: web.Request) -> web.Response:
     """For load balancers and Cloudflare health checks: the data folder is there and writable."""
     ok = await request.app[STORE].healthy()
@@ -45,7 +46,7 @@ async def healthz(request: web.Request) -> web.Response:
                           "version": __version__}, status=200 if ok else 503)
 
 
-@routes.post("/upload/chunked/session")
+@routes.post("/upload/chunked/session", expect_handler=expect_handler)
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     subject = subject_of(request)
@@ -96,7 +97,7 @@ def _checksum(request: web.Request) -> str | None:
     return m.group(1).lower()
 
 
-@routes.post("/upload/chunked/{session_id}/chunk")
+@routes.post("/upload/chunked/{session_id}/chunk", expect_handler=expect_handler)
 async def put_chunk(request: web.Request) -> web.Response:
     store = request.app[STORE]
     subject = subject_of(request)
@@ -156,7 +157,7 @@ def status_document(state: SessionState) -> dict[str, Any]:
     return doc
 
 
-@routes.get("/upload/chunked/{session_id}/status")
+@routes.get("/upload/chunked/{session_id}/status", expect_handler=expect_handler)
 async def get_status(request: web.Request) -> web.Response:
     subject = subject_of(request)
     state = await request.app[STORE].state(request.match_info["session_id"])
@@ -164,7 +165,7 @@ async def get_status(request: web.Request) -> web.Response:
     return json_response(status_document(state))
 
 
-@routes.post("/upload/chunked/{session_id}/finalize")
+@routes.post("/upload/chunked/{session_id}/finalize", expect_handler=expect_handler)
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     started = time.perf_counter()
@@ -199,7 +200,7 @@ async def finalize_session(request: web.Request) -> web.Response:
     return json_response(doc)
 
 
-@routes.delete("/upload/chunked/{session_id}/abort")
+@routes.delete("/upload/chunked/{session_id}/abort", expect_handler=expect_handler)
 async def abort_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     subject = subject_of(request)  # 401 before anything about the session is said

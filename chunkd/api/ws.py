@@ -11,6 +11,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from chunkd.api.access import check_owner, subject_of
+from chunkd.api.middleware import expect_handler
 from chunkd.api.ws_proxy import RELAYABLE_ID, relay
 from chunkd.errors import ChunkdError
 from chunkd.keys import CONFIG, HUB, RELAYS, SERVICE_WS, STORE
@@ -35,7 +36,7 @@ async def _meta(store: SessionStore, any_id: str) -> tuple[bool, SessionMeta | N
         return exc.status != 404, None
 
 
-@routes.get("/ws/tasks/{id}")
+@routes.get("/ws/tasks/{id}", expect_handler=expect_handler)
 async def task_socket(request: web.Request) -> web.StreamResponse:
     service = request.app.get(SERVICE_WS)
     any_id = request.match_info["id"]

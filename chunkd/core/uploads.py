@@ -46,6 +46,8 @@ async def receive_chunk(store: SessionStore, meta: SessionMeta, index: int, body
         digest = await slot.writer.commit()
         if sha256 is not None and digest != sha256:
             raise E.CHECKSUM_MISMATCH(chunk_index=index, expected=sha256, actual=digest)
+        if store.clock() >= meta.expires_at:  # the body outlived the session: it never counts
+            raise E.SESSION_EXPIRED()
         received = await slot.count(digest)
     return ChunkReceipt(index, len(received), already_received=False)
 

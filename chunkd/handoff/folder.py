@@ -52,4 +52,6 @@ class FolderHandoff:
             await job.blob.move_to(target)
         else:
             raise E.PROCESSING_FAILED.handoff("the folder hand-off needs a file-system store")
-        return Outcome(message=f"Saved to {target}", location=str(target))
+        # Relative to the data dir: a reply never shows the server's own paths.
+        shown = f"{self.completed_dir.name}/{job.task_id}/{target.name}"
+        return Outcome(message=f"Saved to {shown}", location=shown)

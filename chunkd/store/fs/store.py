@@ -155,7 +155,7 @@ class FileSystemStore:
             free = shutil.disk_usage(self.layout.root).free
             if meta.total_size > free:
                 raise E.INSUFFICIENT_STORAGE(
-                    reason=f"{meta.total_size} bytes asked, {free} free", free_bytes=free)
+                    reason=f"{meta.total_size} bytes do not fit on the disk")
             data = staging / self.layout.data(sid).name
             fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
