@@ -400,6 +400,7 @@ class FileSystemStore:
         except FileNotFoundError:
             raise self._missing(sid) from None
         index = self.layout.task_index(task_id) if task_id is not None else None
+        won = False
         try:
             if index is not None:  # before the claim, so a task id is always resolvable
                 write_text_durably(index, sid, self.durable)
@@ -408,16 +409,21 @@ class FileSystemStore:
                 os.link(tmp, self.layout.claim(sid))  # fails with EEXIST when someone else won
                 won = True
             except FileExistsError:
-                won = False
-                if index is not None:
-                    index.unlink()
+                pass
+            except FileNotFoundError:  # another end won and already removed the session
+                raise self._missing(sid) from None
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # gone with its folder
+                os.unlink(tmp)
+            if index is not None and not won:  # no task: no index entry left behind
+                with contextlib.suppress(FileNotFoundError):
+                    index.unlink()
         if won:
             self._sync_dir(folder)
             return Claim(kind, task_id, claimed_at, won=True)
         claim = self._read_claim(sid)
-        assert claim is not None
+        if claim is None:  # the winner removed the session (and its claim) meanwhile
+            raise self._missing(sid)
         return claim
 
     # -- leases and one-time claims ----------------------------------------------------------
