@@ -43,8 +43,8 @@ async def test_concurrent_ends_never_500_and_leave_nothing(server_factory, tmp_p
         for n in range(ROUNDS):
             sid = await ready_session(http, servers[0].url)
             urls = [servers[i % len(servers)].url for i in range(2)]
-            got = await asyncio.gather(*(end(http, u, sid, how) for u, how in zip(urls, pair)))
-            outcomes += [(how, status) for how, (status, _) in zip(pair, got)]
+            got = await asyncio.gather(*(end(http, u, sid, how) for u, how in zip(urls, pair, strict=True)))
+            outcomes += [(how, status) for how, (status, _) in zip(pair, got, strict=True)]
             statuses = sorted(status for status, _ in got)
             assert 500 not in statuses, (n, got)
             assert statuses[0] == 200, (n, got)  # exactly one wins...
