@@ -64,7 +64,8 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
         middlewares.insert(0, cors_middleware(config.cors_origins))
     app = web.Application(middlewares=middlewares)
     if store is None:
-        store = FileSystemStore(config.data_dir, durable=config.durable)
+        store = FileSystemStore(config.data_dir, durable=config.durable,
+                                min_free=config.min_free_space)
     hub = ProgressHub(store)
     app[CONFIG] = config
     app[DRAIN] = drain

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -18,12 +20,19 @@ def write_json_atomic(path: Path, doc: dict[str, Any], *, durable: bool = True) 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, orjson.dumps(doc))
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            data = orjson.dumps(doc)
+            if os.write(fd, data) != len(data):  # a short write: the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):  # a failed write leaves no temp file
+            os.unlink(tmp)
+        raise
 
 
 def write_text_durably(path: Path, text: str, durable: bool = True) -> None:

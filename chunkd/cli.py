@@ -38,6 +38,7 @@ _HELP = {
     "allowed_extensions": "comma-separated file extensions allowed (default: the WhisperX "
     "service's own list in whisperx mode, else common audio/video)",
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
+    "min_free_space": "free space a new session must leave on the disk (default 64MiB)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",

@@ -77,6 +77,10 @@ class Config:
     #: the default for the hand-off: the service's own list in whisperx mode, else common
     #: audio/video.
     allowed_extensions: frozenset[str] = frozenset()
+    #: Free space a new session must leave on the data dir's disk: the room in which every
+    #: session's bookkeeping (chunk markers, claims, task records) is written, so a session
+    #: that got its reservation can always finish.
+    min_free_space: int = 64 * MiB
     #: fdatasync each chunk before counting it (on by default; off trades safety for speed).
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
@@ -160,6 +164,8 @@ class Config:
                 f"chunk size {self.chunk_size} must be between {MIN_CHUNK_SIZE} and the max chunk "
                 f"size {self.max_chunk_size}"
             )
+        if self.min_free_space < 0:
+            raise ConfigError("min free space must not be negative")
         if self.max_file_size <= 0:
             raise ConfigError("max file size must be positive")
         if self.session_ttl <= 0:
@@ -273,6 +279,7 @@ PARSERS: dict[str, Any] = {
     "sweep_interval": parse_duration,
     "allowed_extensions": parse_extensions,
     "durable": parse_bool,
+    "min_free_space": parse_size,
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
     "body_timeout": parse_duration,

@@ -178,6 +178,9 @@ HTTP_ERROR = _e("http_error", 500, "the request failed")
 BAD_GATEWAY = _e("bad_gateway", 502, "the transcription service could not be reached")
 SHUTTING_DOWN = _e("shutting_down", 503, "chunkd is shutting down; retry in a moment")
 SERVER_BUSY = _e("server_busy", 503, "the server is busy; retry in a moment")
+STORAGE_UNAVAILABLE = _e("storage_unavailable", 503,
+                         "the data dir cannot be written right now (read-only or failing); "
+                         "retry later")
 INSUFFICIENT_STORAGE = _e("insufficient_storage", 507, "not enough disk space: {reason}")
 # -- hand-off failures (a task's final error, never an HTTP reply) ------------------------------
 PROCESSING_FAILED = _e("processing_failed", 500, "processing failed")

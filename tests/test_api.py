@@ -219,7 +219,7 @@ async def test_healthz_on_a_read_only_data_dir_is_503(aiohttp_client, tmp_path):
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
     try:
-        client = await aiohttp_client(make_app(Config(data_dir=mnt / "data")))
+        client = await aiohttp_client(make_app(Config(data_dir=mnt / "data", min_free_space=0)))
         assert (await client.get("/healthz")).status == 200
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         resp = await client.get("/healthz")

@@ -95,6 +95,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             resp = error_response(E.SERVER_BUSY())
             resp.headers["Retry-After"] = "5"
             return resp
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning("%s %s: the data dir is full", request.method, request.path)
+            return error_response(E.INSUFFICIENT_STORAGE(reason="the disk is full"))
+        if exc.errno in (errno.EROFS, errno.EIO):
+            log.error("%s %s: the data dir cannot be written (%s)", request.method, request.path,
+                      exc.strerror)
+            resp = error_response(E.STORAGE_UNAVAILABLE())
+            resp.headers["Retry-After"] = "30"
+            return resp
         log.exception("%s %s failed", request.method, request.path)
         return error_response(E.INTERNAL_ERROR())
     except Exception:

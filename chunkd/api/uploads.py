@@ -41,9 +41,9 @@ def json_response(doc: dict[str, Any], status: int = 200) -> web.Response:
 @routes.get("/healthz", expect_handler=expect_handler)
 async def healthz(request: web.Request) -> web.Response:
     """For load balancers and Cloudflare health checks: the data folder is there and writable."""
-    ok = await request.app[STORE].healthy()
-    return json_response({"status": "ok" if ok else "data_dir_not_writable",
-                          "version": __version__}, status=200 if ok else 503)
+    health = await request.app[STORE].health()
+    return json_response({"status": health, "version": __version__},
+                         status=200 if health == "ok" else 503)
 
 
 @routes.post("/upload/chunked/session", expect_handler=expect_handler)

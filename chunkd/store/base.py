@@ -1,6 +1,6 @@
 """What a session store is: small protocols, each one idea, composed into :class:`SessionStore`.
 
-    Sessions     create / get / state / resolve / scan / remove / purge / healthy, and its limits
+    Sessions     create / get / state / resolve / scan / remove / purge / health, and its limits
     Chunks       the chunk ledger: open_chunk(meta, index) -> ChunkSlot (one writer per chunk;
                  counted only when whole and durable) with a RangeWriter for the bytes
     Ends         claim_end: the session's one-time end (finalize | abort | expire)
@@ -100,8 +100,9 @@ class Sessions(Protocol):
         ids older than a week."""
         ...
 
-    async def healthy(self) -> bool:
-        """Can the store take writes now?"""
+    async def health(self) -> str:
+        """``ok``; ``data_dir_full`` (sessions in flight can finish, new ones do not fit);
+        ``data_dir_not_writable`` (read-only, or failing)."""
         ...
 
 

@@ -9,6 +9,9 @@
                             created by rename after the chunk's bytes were written and flushed
           end.claim         the session's one-time end: finalize, abort or expire; created with
                             link(2), which fails if it exists, so exactly one caller wins
+          end.abort,        the abort and expire claims, written at creation: ending a session
+          end.expire        that way is one link(2), which needs no free space (a full disk
+                            can still be freed)
           task.json         the task's record after finalize (stage, steps, result or error),
                             written only by the process holding the lease
           result.json       a finished task's result (e.g. the transcript's segments)
@@ -78,6 +81,10 @@ class Layout:
 
     def claim(self, sid: str) -> Path:
         return self.session(sid) / "end.claim"
+
+    def end_intent(self, sid: str, kind: str) -> Path:
+        """The prepared claim of an abort or expiry (``end.abort``, ``end.expire``)."""
+        return self.session(sid) / f"end.{kind}"
 
     def task(self, sid: str) -> Path:
         return self.session(sid) / "task.json"

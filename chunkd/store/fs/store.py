@@ -116,11 +116,14 @@ class FileSystemStore:
                          max_parts=MAX_CHUNKS)
 
     def __init__(self, root: Path, *, durable: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, min_free: int = 0) -> None:
         self.layout = Layout(root)
         self.layout.make()
         self.durable = durable
         self.clock = clock
+        #: Bytes a new session's reservation must leave free: the room every session's
+        #: bookkeeping (markers, claims, task records) is written in.
+        self.min_free = min_free
         self._leases = FileLeases(self.layout, clock)
         self._meta_cache: dict[str, SessionMeta] = {}
         self._writing: dict[str, int] = {}  # session id -> chunk slots open in this process
@@ -153,9 +156,8 @@ class FileSystemStore:
             staging.mkdir()
             (staging / self.layout.chunks(sid).name).mkdir()
             free = shutil.disk_usage(self.layout.root).free
-            if meta.total_size > free:
-                raise E.INSUFFICIENT_STORAGE(
-                    reason=f"{meta.total_size} bytes do not fit on the disk")
+            if meta.total_size + self.min_free > free:
+                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk")
             data = staging / self.layout.data(sid).name
             fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -164,13 +166,19 @@ class FileSystemStore:
                 os.posix_fallocate(fd, 0, meta.total_size)
             except OSError as exc:
                 if disk_full(exc) or exc.errno == 27:  # EFBIG
-                    raise E.INSUFFICIENT_STORAGE(
-                        reason=f"cannot reserve {meta.total_size} bytes: {exc.strerror}"
-                    ) from None
+                    raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
+                                                 ) from None
                 raise
             finally:
                 os.close(fd)
             write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
+            for kind in (EndKind.ABORT, EndKind.EXPIRE):  # so that ending it needs no space
+                write_json_atomic(staging / self.layout.end_intent(sid, kind.value).name,
+                                  self._claim_doc(kind, None, meta.created_at), durable=False)
+            free_after = shutil.disk_usage(self.layout.root).free
+            if free_after < self.min_free:
+                raise E.INSUFFICIENT_STORAGE(
+                    reason="the disk is too full for a session of this size")
             self._sync_dir(staging)
             os.rename(staging, self.layout.session(sid))
             self._sync_dir(self.layout.sessions)
@@ -278,16 +286,27 @@ class FileSystemStore:
         """Tombstone first, then one rename out of ``sessions/``, then delete at leisure."""
         if not self.layout.session(sid).is_dir():
             return  # never existed, or removed already (its tombstone is there then)
-        write_json_atomic(self.layout.tombstone(sid), {"reason": reason.value, "at": self.clock()})
-        self._sync_dir(self.layout.gone)
+        tomb = {"reason": reason.value, "at": self.clock()}
+        try:
+            write_json_atomic(self.layout.tombstone(sid), tomb)
+            self._sync_dir(self.layout.gone)
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            tomb_later = True  # the disk is full: remove first (that frees space), record after
+        else:
+            tomb_later = False
         target = self.layout.trash / f"{sid}.{uuid.uuid4().hex}"
         try:
             os.rename(self.layout.session(sid), target)
         except FileNotFoundError:
             return
-        self._sync_dir(self.layout.sessions)
         self._meta_cache.pop(sid, None)
         shutil.rmtree(target, ignore_errors=True)
+        if tomb_later:
+            write_json_atomic(self.layout.tombstone(sid), tomb)
+            self._sync_dir(self.layout.gone)
+        self._sync_dir(self.layout.sessions)
 
     async def purge(self, now: float) -> None:
         await asyncio.to_thread(self._purge_sync, now)
@@ -313,8 +332,22 @@ class FileSystemStore:
         sid = Path(index).read_text().strip()
         return is_session_id(sid) and self.layout.session(sid).is_dir()
 
-    async def healthy(self) -> bool:
-        return await asyncio.to_thread(os.access, self.layout.sessions, os.W_OK)
+    async def health(self) -> str:
+        return await asyncio.to_thread(self._health_sync)
+
+    def _health_sync(self) -> str:
+        if not os.access(self.layout.sessions, os.W_OK):
+            return "data_dir_not_writable"
+        try:
+            probe = self.layout.sessions / f".health.{uuid.uuid4().hex}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            return "data_dir_full" if disk_full(exc) else "data_dir_not_writable"
+        if shutil.disk_usage(self.layout.root).free <= self.min_free:
+            return "data_dir_full"  # existing sessions can finish; no new one fits
+        return "ok"
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -388,11 +421,19 @@ class FileSystemStore:
     async def claim_end(self, session_id: str, kind: EndKind) -> Claim:
         return await asyncio.to_thread(self._claim_sync, session_id, kind)
 
+    @staticmethod
+    def _claim_doc(kind: EndKind, task_id: str | None, claimed_at: float) -> dict[str, Any]:
+        return {"kind": kind.value, "task_id": task_id, "claimed_at": claimed_at,
+                "pid": os.getpid(), "host": socket.gethostname()}
+
     def _claim_sync(self, sid: str, kind: EndKind) -> Claim:
+        if kind is not EndKind.FINALIZE:
+            prepared = self._claim_prepared(sid, kind)
+            if prepared is not None:
+                return prepared
         task_id = str(uuid.uuid4()) if kind is EndKind.FINALIZE else None
         claimed_at = self.clock()
-        doc = {"kind": kind.value, "task_id": task_id, "claimed_at": claimed_at,
-               "pid": os.getpid(), "host": socket.gethostname()}
+        doc = self._claim_doc(kind, task_id, claimed_at)
         folder = self.layout.session(sid)
         tmp = folder / f".end.{uuid.uuid4().hex}.tmp"
         try:
@@ -425,6 +466,26 @@ class FileSystemStore:
         if claim is None:  # the winner removed the session (and its claim) meanwhile
             raise self._missing(sid)
         return claim
+
+    def _claim_prepared(self, sid: str, kind: EndKind) -> Claim | None:
+        """An abort or expiry by linking the claim written at creation: no new block needed,
+        so a full disk can always be freed. None for a session made before those existed."""
+        intent = self.layout.end_intent(sid, kind.value)
+        try:
+            os.link(intent, self.layout.claim(sid))
+        except FileExistsError:
+            claim = self._read_claim(sid)
+            if claim is None:  # the winner removed the session (and its claim) meanwhile
+                raise self._missing(sid) from None
+            return claim
+        except FileNotFoundError:
+            if not self.layout.session(sid).is_dir():
+                raise self._missing(sid) from None
+            return None  # no prepared claim: an older session
+        with contextlib.suppress(OSError):  # durability of the claim; a full disk may refuse
+            self._sync_dir(self.layout.session(sid))
+        doc = read_json(intent) or {}
+        return Claim(kind, None, float(doc.get("claimed_at", self.clock())), won=True)
 
     # -- leases and one-time claims ----------------------------------------------------------
 
