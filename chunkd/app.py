@@ -10,18 +10,20 @@ from aiohttp.typedefs import Middleware
 
 from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware, server_header
+from chunkd.api.ratelimit import RateLimiter, rate_limit_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.api.ws_proxy import Relay, service_ws_url
 from chunkd.auth import make_authenticator
 from chunkd.config import Config
 from chunkd.core.periodic import Periodic
+from chunkd.core.quotas import Quotas
 from chunkd.core.recovery import recover_once
 from chunkd.core.sweeper import sweep
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.handoff import make_handoff
-from chunkd.keys import AUTH, CONFIG, DRAIN, HUB, RELAYS, RUNNER, SERVICE_WS, STORE
+from chunkd.keys import AUTH, CONFIG, DRAIN, HUB, QUOTAS, RELAYS, RUNNER, SERVICE_WS, STORE
 from chunkd.progress import ProgressHub
 from chunkd.store import FileSystemStore, SessionStore
 from chunkd.validate import warm_up
@@ -36,7 +38,8 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(warm_up)  # libmagic's database, before any finalize needs it
     store, runner = app[STORE], app[RUNNER]
     jobs = [
-        Periodic("sweeper", app[CONFIG].sweep_interval, lambda: sweep(store, store.clock())),
+        Periodic("sweeper", app[CONFIG].sweep_interval,
+                 lambda: sweep(store, store.clock(), idle_ttl=app[CONFIG].idle_session_ttl)),
         Periodic("recovery", RECOVERY_INTERVAL, lambda: recover_once(store, runner)),
     ]
     for job in jobs:
@@ -60,6 +63,9 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     ``config.data_dir``, whose layout is created if it is not there)."""
     drain = Drain()
     middlewares: list[Middleware] = [errors_middleware, drain.middleware]
+    if config.rate_limit > 0:
+        middlewares.append(rate_limit_middleware(RateLimiter(config.rate_limit,
+                                                             config.rate_burst)))
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     app = web.Application(middlewares=middlewares)
@@ -73,6 +79,8 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app[HUB] = hub
     app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app[RELAYS] = set()
+    app[QUOTAS] = Quotas(config.max_sessions_per_subject, config.max_reserved_bytes_per_subject,
+                         config.max_reserved_bytes)
     authenticator = make_authenticator(config)
     if authenticator is not None:
         app[AUTH] = authenticator

@@ -39,6 +39,15 @@ _HELP = {
     "service's own list in whisperx mode, else common audio/video)",
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
     "min_free_space": "free space a new session must leave on the disk (default 64MiB)",
+    "idle_session_ttl": "a session with no chunk for this long expires early (default 1h)",
+    "max_reserved_bytes": "most bytes all open sessions may reserve (default 0: the disk)",
+    "max_reserved_bytes_per_subject": "most bytes one client's open sessions may reserve "
+    "(default 200GiB)",
+    "max_sessions_per_subject": "most open sessions of one client (default 32)",
+    "rate_limit": "requests a second per client address, on average (default 100; 0: off)",
+    "rate_burst": "requests per client address in one burst (default 1000)",
+    "trusted_proxies": "comma-separated CIDRs whose CF-Connecting-IP/X-Forwarded-For is "
+    "believed (default none)",
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",

@@ -8,6 +8,7 @@ with one clear line instead of failing later in the middle of an upload.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -81,6 +82,21 @@ class Config:
     #: session's bookkeeping (chunk markers, claims, task records) is written, so a session
     #: that got its reservation can always finish.
     min_free_space: int = 64 * MiB
+    #: A session that received no chunk for this long (and was not finalized) expires early.
+    idle_session_ttl: float = 3600.0
+    #: Most bytes all open sessions may reserve together (0: only the disk and min free space).
+    max_reserved_bytes: int = 0
+    #: Most bytes one client's open sessions may reserve (the subject with auth, else the address).
+    max_reserved_bytes_per_subject: int = 200 * GiB
+    #: Most open sessions one client may have.
+    max_sessions_per_subject: int = 32
+    #: Requests a second one client address may make on average (0: no limit)...
+    rate_limit: float = 100.0
+    #: ...and in one burst.
+    rate_burst: int = 1000
+    #: Peers whose CF-Connecting-IP / X-Forwarded-For is believed (CIDRs, e.g. Cloudflare's and
+    #: the local proxy's); the client address is otherwise the TCP peer.
+    trusted_proxies: tuple[str, ...] = ()
     #: fdatasync each chunk before counting it (on by default; off trades safety for speed).
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
@@ -164,6 +180,13 @@ class Config:
                 f"chunk size {self.chunk_size} must be between {MIN_CHUNK_SIZE} and the max chunk "
                 f"size {self.max_chunk_size}"
             )
+        if self.idle_session_ttl <= 0:
+            raise ConfigError("idle session lifetime must be positive")
+        if min(self.max_reserved_bytes, self.max_reserved_bytes_per_subject,
+               self.max_sessions_per_subject, self.rate_burst) < 0 or self.rate_limit < 0:
+            raise ConfigError("quotas and rate limits must not be negative")
+        if self.rate_limit > 0 and self.rate_burst < 1:
+            raise ConfigError("rate burst must be at least 1")
         if self.min_free_space < 0:
             raise ConfigError("min free space must not be negative")
         if self.max_file_size <= 0:
@@ -260,6 +283,26 @@ def parse_query(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"not a number: {text!r}") from None
+
+
+def parse_networks(text: str) -> tuple[str, ...]:
+    """``173.245.48.0/20, 10.0.0.1`` → the networks, checked."""
+    found = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ConfigError(f"not an address or network: {part!r}") from None
+    return tuple(found)
+
+
 def parse_int(text: str) -> int:
     try:
         return int(text)
@@ -280,6 +323,13 @@ PARSERS: dict[str, Any] = {
     "allowed_extensions": parse_extensions,
     "durable": parse_bool,
     "min_free_space": parse_size,
+    "idle_session_ttl": parse_duration,
+    "max_reserved_bytes": parse_size,
+    "max_reserved_bytes_per_subject": parse_size,
+    "max_sessions_per_subject": parse_int,
+    "rate_limit": parse_float,
+    "rate_burst": parse_int,
+    "trusted_proxies": parse_networks,
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
     "body_timeout": parse_duration,

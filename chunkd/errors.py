@@ -172,6 +172,14 @@ TOTAL_CHUNKS_MISMATCH = _e("total_chunks_mismatch", 422,
                            "total_chunks must be ceil(total_size / chunk_size) = {expected}")
 TOO_MANY_CHUNKS = _e("too_many_chunks", 422,
                      "a session has at most {max_chunks} chunks; use a larger chunk_size")
+# -- 429: quotas and rate limits ----------------------------------------------------------------
+SESSION_QUOTA = _e("session_quota", 429,
+                   "at most {max_sessions} open upload sessions per client; finish or abort one "
+                   "first")
+STORAGE_QUOTA = _e("storage_quota", 429,
+                   "this session would make your open uploads reserve more than {max_bytes} bytes; "
+                   "finish or abort one first")
+RATE_LIMITED = _e("rate_limited", 429, "too many requests; retry after {retry_after:g} s")
 # -- 5xx ----------------------------------------------------------------------------------------
 INTERNAL_ERROR = _e("internal_error", 500, "an internal error occurred")
 HTTP_ERROR = _e("http_error", 500, "the request failed")

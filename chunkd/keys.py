@@ -5,6 +5,7 @@ from aiohttp import web
 from chunkd.api.ws_proxy import Relay
 from chunkd.auth import Authenticator
 from chunkd.config import Config
+from chunkd.core.quotas import Quotas
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.progress import ProgressHub
@@ -21,3 +22,5 @@ SERVICE_WS = web.AppKey("service_ws", str)
 RELAYS = web.AppKey("relays", set[Relay])
 #: Who is asking (absent when auth is off).
 AUTH = web.AppKey("auth", Authenticator)
+#: The quotas on new sessions.
+QUOTAS = web.AppKey("quotas", Quotas)

@@ -7,11 +7,14 @@ is looked at, and a session can only be touched by the subject that created it (
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+
 from aiohttp import web
 
 from chunkd import errors as E
 from chunkd.auth import bearer_token
-from chunkd.keys import AUTH
+from chunkd.keys import AUTH, CONFIG
 from chunkd.model.session import SessionMeta
 
 
@@ -22,6 +25,42 @@ def subject_of(request: web.Request, *, websocket: bool = False) -> str | None:
     if auth is None:
         return None
     return auth.subject(bearer_token(request.headers, request.query if websocket else None))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _trusted(address: str, cidrs: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in _networks(cidrs))
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy
+    (``--trusted-proxies``): then ``CF-Connecting-IP``, else the nearest untrusted address of
+    ``X-Forwarded-For``. Headers from anyone else are ignored (they are trivially forged)."""
+    peer = request.remote or "unknown"
+    cidrs = request.app[CONFIG].trusted_proxies
+    if not cidrs or not _trusted(peer, cidrs):
+        return peer
+    cf = request.headers.get("CF-Connecting-IP", "").strip()
+    if cf:
+        return cf
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, cidrs):
+            return hop
+    return hops[0] if hops else peer
+
+
+def quota_client(request: web.Request, subject: str | None) -> str:
+    """Who a new session counts against: the subject with auth, else the client's address."""
+    return subject if subject is not None else f"address:{client_address(request)}"
 
 
 def check_owner(meta: SessionMeta, subject: str | None) -> None:

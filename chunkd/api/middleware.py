@@ -38,6 +38,8 @@ def error_response(exc: ChunkdError) -> web.Response:
     except TypeError:  # a detail JSON cannot hold (e.g. an integer past 64 bits): drop details
         body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
     resp = web.Response(status=exc.status, body=body, content_type="application/json")
+    if "retry_after" in exc.details:
+        resp.headers["Retry-After"] = str(exc.details["retry_after"])
     if exc.status == 401:  # RFC 6750: say which scheme, and why
         reason = "invalid_token" if exc.code in ("invalid_token", "token_expired") else ""
         resp.headers["WWW-Authenticate"] = 'Bearer realm="chunkd"' + (

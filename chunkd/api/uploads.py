@@ -14,13 +14,13 @@ from aiohttp import web
 
 from chunkd import __version__
 from chunkd import errors as E
-from chunkd.api.access import check_owner, subject_of
+from chunkd.api.access import check_owner, quota_client, subject_of
 from chunkd.api.body import RequestBody
 from chunkd.api.middleware import expect_handler
-from chunkd.core import uploads
+from chunkd.core import quotas, uploads
 from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.handoff.whisperx import user_credential
-from chunkd.keys import CONFIG, HUB, RUNNER, STORE
+from chunkd.keys import CONFIG, HUB, QUOTAS, RUNNER, STORE
 from chunkd.model.session import Phase, SessionState
 from chunkd.validate import check_new_session, max_chunk_size
 
@@ -59,7 +59,9 @@ async def create_session(request: web.Request) -> web.Response:
         raise E.INVALID_JSON.saying(f"the body is not valid JSON: {exc}") from None
     store = request.app[STORE]
     fields = check_new_session(doc, config, store.limits)
-    meta = await store.create(ttl=config.session_ttl, owner=subject, **fields)
+    client = quota_client(request, subject)
+    await quotas.check_new_session(store, request.app[QUOTAS], client, fields["total_size"])
+    meta = await store.create(ttl=config.session_ttl, owner=subject, client=client, **fields)
     return json_response(
         {
             "session_id": meta.session_id,

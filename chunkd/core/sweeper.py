@@ -18,13 +18,16 @@ log = logging.getLogger("chunkd.sweeper")
 BUSY_GRACE_SECONDS = 300.0
 
 
-def sweep_reason(state: SessionState, now: float, busy_grace: float = BUSY_GRACE_SECONDS
-                 ) -> EndKind | None:
-    """Why ``state``'s session should be removed now, or None to keep it."""
+def sweep_reason(state: SessionState, now: float, busy_grace: float = BUSY_GRACE_SECONDS,
+                 idle_ttl: float | None = None) -> EndKind | None:
+    """Why ``state``'s session should be removed now, or None to keep it. With ``idle_ttl``, an
+    open session that received no chunk for that long expires early."""
     claim = state.claim
     if claim is not None and claim.kind is not EndKind.FINALIZE:
         return claim.kind  # an abort or expiry whose removal a crash interrupted
-    if now <= state.meta.expires_at:
+    idle = (idle_ttl is not None and claim is None and not state.writing
+            and now - (state.last_write or state.meta.created_at) > idle_ttl)
+    if now <= state.meta.expires_at and not idle:
         return None
     if state.writing:
         return None  # a chunk is being written in this process
@@ -35,13 +38,13 @@ def sweep_reason(state: SessionState, now: float, busy_grace: float = BUSY_GRACE
     return EndKind.EXPIRE
 
 
-async def sweep(store: SessionStore, now: float, busy_grace: float = BUSY_GRACE_SECONDS
-                ) -> list[str]:
+async def sweep(store: SessionStore, now: float, busy_grace: float = BUSY_GRACE_SECONDS,
+                idle_ttl: float | None = None) -> list[str]:
     """One sweep; returns the ids of the sessions removed."""
     removed = []
     for state in await store.scan():
         sid = state.meta.session_id
-        reason = sweep_reason(state, now, busy_grace)
+        reason = sweep_reason(state, now, busy_grace, idle_ttl)
         if reason is None:
             continue
         try:

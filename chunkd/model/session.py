@@ -41,6 +41,8 @@ class SessionMeta:
     task_params: dict[str, Any] = field(default_factory=dict)
     #: The subject (user) that created the session, when auth is on; only it may touch it.
     owner: str | None = None
+    #: Who the quotas count it for: the subject with auth, else the client's address.
+    client: str | None = None
 
     def chunk_offset(self, index: int) -> int:
         return index * self.chunk_size
@@ -63,6 +65,7 @@ class SessionMeta:
             "model": self.model,
             "task_params": self.task_params,
             "owner": self.owner,
+            "client": self.client,
         }
 
     @classmethod

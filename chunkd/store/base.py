@@ -62,7 +62,7 @@ class Sessions(Protocol):
     async def create(
         self, *, ttl: float, filename: str, extension: str, total_size: int, chunk_size: int,
         total_chunks: int, language: str | None, model: str | None, task_params: dict[str, Any],
-        owner: str | None = None,
+        owner: str | None = None, client: str | None = None,
     ) -> SessionMeta:
         """Create a session and reserve ``total_size`` bytes for it; durable when it returns.
 

@@ -1,0 +1,109 @@
+"""Quotas and limits: sessions and reserved bytes per client and in total, idle sessions expiring
+early, a request rate limit per address (behind trusted proxies: the real client's)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from chunkd.app import make_app
+from chunkd.config import Config, ConfigError, load_config
+from chunkd.core.sweeper import sweep
+from chunkd.keys import STORE
+from conftest import ChunkdTestServer, session_body
+
+CHUNK = 4096
+
+
+async def app_client(aiohttp_client, tmp_path, **cfg):
+    config = Config(data_dir=tmp_path / "data", chunk_size=CHUNK, sweep_interval=3600, **cfg)
+    return await aiohttp_client(ChunkdTestServer(make_app(config)))
+
+
+async def create(client, size: int = 10_000, **headers: str):
+    return await client.post("/upload/chunked/session", headers=headers,
+                             json=session_body("a.wav", size, CHUNK))
+
+
+async def error(resp) -> str:
+    return (await resp.json())["error"]["code"]
+
+
+async def test_sessions_per_client(aiohttp_client, tmp_path):
+    client = await app_client(aiohttp_client, tmp_path, max_sessions_per_subject=2)
+    first = (await (await create(client)).json())["session_id"]
+    assert (await create(client)).status == 201
+    third = await create(client)
+    assert third.status == 429 and await error(third) == "session_quota"
+    # another client (behind no trusted proxy, a forged header changes nothing)...
+    forged = await create(client, **{"X-Forwarded-For": "203.0.113.9"})
+    assert forged.status == 429
+    # ...but ending one frees a place
+    assert (await client.delete(f"/upload/chunked/{first}/abort")).status == 200
+    assert (await create(client)).status == 201
+
+
+async def test_reserved_bytes_per_client_and_in_total(aiohttp_client, tmp_path):
+    client = await app_client(aiohttp_client, tmp_path, max_reserved_bytes_per_subject=50_000,
+                              max_reserved_bytes=0)
+    assert (await create(client, 40_000)).status == 201
+    over = await create(client, 20_000)
+    assert over.status == 429 and await error(over) == "storage_quota"
+    assert (await create(client, 10_000)).status == 201  # exactly up to the quota
+
+    total = await app_client(aiohttp_client, tmp_path / "t", max_reserved_bytes=30_000)
+    assert (await create(total, 20_000)).status == 201
+    full = await create(total, 20_000)
+    assert full.status == 507 and await error(full) == "insufficient_storage"
+
+
+async def test_behind_a_trusted_proxy_each_client_counts_alone(aiohttp_client, tmp_path):
+    client = await app_client(aiohttp_client, tmp_path, max_sessions_per_subject=1,
+                              trusted_proxies=("127.0.0.0/8",))
+    assert (await create(client, **{"CF-Connecting-IP": "198.51.100.1"})).status == 201
+    assert (await create(client, **{"CF-Connecting-IP": "198.51.100.2"})).status == 201
+    again = await create(client, **{"CF-Connecting-IP": "198.51.100.1"})
+    assert again.status == 429
+    # X-Forwarded-For: the nearest address that is not a trusted proxy
+    xff = {"X-Forwarded-For": "198.51.100.7, 127.0.0.5"}
+    assert (await create(client, **xff)).status == 201
+    assert (await create(client, **xff)).status == 429
+
+
+async def test_an_idle_session_expires_early(aiohttp_client, tmp_path):
+    client = await app_client(aiohttp_client, tmp_path, idle_session_ttl=600)
+    store = client.server.app[STORE]
+    idle = (await (await create(client)).json())["session_id"]
+    active = (await (await create(client)).json())["session_id"]
+    data = tmp_path / "data" / "sessions" / idle / "data"
+    old = time.time() - 1000
+    os.utime(data, (old, old))  # no chunk for over 16 minutes
+    removed = await sweep(store, time.time(), idle_ttl=600)
+    assert removed == [idle]
+    assert (await client.get(f"/upload/chunked/{idle}/status")).status == 410
+    assert (await client.get(f"/upload/chunked/{active}/status")).status == 200
+
+
+async def test_the_request_rate_is_limited_per_address(aiohttp_client, tmp_path):
+    client = await app_client(aiohttp_client, tmp_path, rate_limit=1, rate_burst=5)
+    answers = [(await client.get("/upload/chunked/00000000-0000-4000-8000-000000000000/status"))
+               for _ in range(8)]
+    statuses = [r.status for r in answers]
+    assert statuses[:5] == [404] * 5 and 429 in statuses[5:]
+    limited = next(r for r in answers if r.status == 429)
+    assert await error(limited) == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert (await client.get("/healthz")).status == 200  # health checks are never limited
+
+
+def test_limit_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="network"):
+        load_config({"trusted_proxies": "not-an-ip", "data_dir": str(tmp_path)}, env={})
+    with pytest.raises(ConfigError, match="negative"):
+        load_config({"max_sessions_per_subject": "-1", "data_dir": str(tmp_path)}, env={})
+    c = load_config({"max_reserved_bytes_per_subject": "1GiB", "idle_session_ttl": "30m",
+                     "rate_limit": "2.5", "data_dir": str(tmp_path)}, env={})
+    assert (c.max_reserved_bytes_per_subject, c.idle_session_ttl, c.rate_limit) == (
+        1 << 30, 1800.0, 2.5)
