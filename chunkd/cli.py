@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,8 @@ _HELP = {
     "shutdown_timeout": "on SIGTERM, how long in-flight requests may finish (default 30s)",
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",
+    "header_timeout": "a new connection must send its request headers within (default 15s)",
+    "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
     "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
     "whisperx_url": "WhisperX FastAPI base URL, e.g. http://127.0.0.1:8000",
@@ -128,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft open-files limit to the hard one: each connection holds a descriptor, and
+    the usual soft 1024 is what idle sockets would exhaust first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def describe(config: Config, url: str) -> str:
     return "\n".join([
         f"chunkd {__version__} listening on {url}",
@@ -176,7 +188,10 @@ async def serve(config: Config) -> None:
         for line in await check_service_url(config.whisperx_url, config.max_file_size):
             print(f"chunkd: warning: {line}", file=sys.stderr, flush=True)
     app = make_app(config)
+    raise_fd_limit()
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
+                                header_timeout=config.header_timeout,
+                                keepalive_timeout=config.keepalive_timeout,
                                 read_bufsize=READ_BUFSIZE)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

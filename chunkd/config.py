@@ -101,6 +101,10 @@ class Config:
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: A new connection must send its first request's headers within this long.
+    header_timeout: float = 15.0
+    #: An idle keep-alive connection is closed after this long.
+    keepalive_timeout: float = 75.0
     #: A chunk body that sends nothing for this long is cut off with 408 (slow-loris guard).
     body_timeout: float = 60.0
     #: Browser origins allowed to call chunkd (CORS), e.g. ``http://localhost:5173``; ``*`` any.
@@ -195,6 +199,8 @@ class Config:
             raise ConfigError("session lifetime must be positive")
         if self.sweep_interval <= 0:
             raise ConfigError("sweep interval must be positive")
+        if self.header_timeout <= 0 or self.keepalive_timeout <= 0:
+            raise ConfigError("header and keep-alive timeouts must be positive")
         if self.body_timeout <= 0:
             raise ConfigError("body timeout must be positive")
         if not 0 < self.heartbeat_interval <= 90:
@@ -333,6 +339,8 @@ PARSERS: dict[str, Any] = {
     "shutdown_timeout": parse_duration,
     "heartbeat_interval": parse_duration,
     "body_timeout": parse_duration,
+    "header_timeout": parse_duration,
+    "keepalive_timeout": parse_duration,
     "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,
     "whisperx_url": str,

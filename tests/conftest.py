@@ -128,16 +128,18 @@ async def status_line(reader) -> bytes:
 class ServerProcess:
     """``python -m chunkd serve`` as a real subprocess on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.args = args
         self.env = env or {}
+        self.prefix = prefix  # e.g. ("prlimit", "--nofile=1024:1024")
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.banner: list[str] = []
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "chunkd", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [*self.prefix, sys.executable, "-m", "chunkd", "serve", "--host", "127.0.0.1", "--port", "0",
                "--data-dir", str(self.data_dir), *self.args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -180,8 +182,9 @@ class ServerProcess:
 def server_factory(tmp_path: Path):
     started: list[ServerProcess] = []
 
-    def start(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None):
-        srv = ServerProcess(data_dir or tmp_path / "data", *args, env=env).start()
+    def start(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()):
+        srv = ServerProcess(data_dir or tmp_path / "data", *args, env=env, prefix=prefix).start()
         started.append(srv)
         return srv
 

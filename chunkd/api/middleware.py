@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -115,7 +117,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests it cannot parse (a request line over 8190 bytes, a broken header)
-    before any middleware runs, in text/plain and echoing the input; chunkd answers in JSON."""
+    before any middleware runs, in text/plain and echoing the input; chunkd answers in JSON.
+    A new connection that sends no whole request head within ``header_timeout`` is closed."""
+
+    header_timeout: float = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.header_timeout > 0:
+            # aiohttp closes an idle connection at its keep-alive deadline, which it also sets
+            # for a new connection: a new one gets the (shorter) header deadline instead.
+            self._next_keepalive_close_time = self._loop.time() + self.header_timeout
+            if self._keepalive_handle is not None:
+                self._keepalive_handle.cancel()
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
+                                                        self._process_keepalive)
 
     def handle_error(
         self,
@@ -145,14 +161,28 @@ class _JsonErrorRequestHandler(RequestHandler):
 
 
 class _JsonErrorServer(web.Server):
+    #: Seconds a new connection has to send its first request's headers (set by the runner).
+    header_timeout: float = 0.0
+
     def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        return handler
 
 
 class JsonErrorAppRunner(web.AppRunner):
-    """An ``AppRunner`` whose unparseable-request errors are JSON too."""
+    """An ``AppRunner`` whose unparseable-request errors are JSON too, and whose connections
+    must send their first request's headers within ``header_timeout`` seconds (0: only
+    aiohttp's keep-alive timeout), so idle sockets cannot pile up until the fd limit."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.header_timeout = header_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer  # same object, only the handler class differs
+        assert isinstance(server, _JsonErrorServer)
+        server.header_timeout = self.header_timeout
         return server

@@ -1,0 +1,61 @@
+"""Connections an attacker holds open: idle sockets past the fd limit do not lock new clients
+out for longer than the header timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import shutil
+import time
+
+import aiohttp
+import pytest
+
+ATTACKERS = 1100  # more than the server's 1024 file descriptors
+HEADER_TIMEOUT = 2.0
+
+
+@pytest.fixture
+def many_fds():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < ATTACKERS + 200:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536) if hard != resource.RLIM_INFINITY
+                                                else 65536, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds):
+    srv = server_factory("--header-timeout", str(HEADER_TIMEOUT),
+                         prefix=("prlimit", "--nofile=1024:1024"))
+    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold() -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+            held.append(writer)
+
+    await asyncio.gather(*(hold() for _ in range(ATTACKERS)))
+    assert len(held) > 1000  # the attack is on: the server's descriptors are (nearly) all taken
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(60):
+            try:
+                async with http.get(f"{srv.url}/healthz",
+                                    timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                    assert resp.status == 200
+                    break
+            except (aiohttp.ClientError, TimeoutError):
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("a new client never got in")
+    waited = time.monotonic() - started
+    assert waited < HEADER_TIMEOUT + 6, waited  # the idle ones were cut at the header timeout
+    for writer in held:
+        writer.close()
+    assert srv.proc is not None and srv.proc.poll() is None  # and the server is still up
