@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from chunkd.api.body import BodySlots
 from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware, server_header
 from chunkd.api.ratelimit import RateLimiter, rate_limit_middleware
@@ -23,7 +24,18 @@ from chunkd.core.sweeper import sweep
 from chunkd.core.tasks import TaskRunner
 from chunkd.drain import Drain
 from chunkd.handoff import make_handoff
-from chunkd.keys import AUTH, CONFIG, DRAIN, HUB, QUOTAS, RELAYS, RUNNER, SERVICE_WS, STORE
+from chunkd.keys import (
+    AUTH,
+    BODY_SLOTS,
+    CONFIG,
+    DRAIN,
+    HUB,
+    QUOTAS,
+    RELAYS,
+    RUNNER,
+    SERVICE_WS,
+    STORE,
+)
 from chunkd.progress import ProgressHub
 from chunkd.store import FileSystemStore, SessionStore
 from chunkd.validate import warm_up
@@ -79,6 +91,7 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app[HUB] = hub
     app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app[RELAYS] = set()
+    app[BODY_SLOTS] = BodySlots(config.max_concurrent_chunks)
     app[QUOTAS] = Quotas(config.max_sessions_per_subject, config.max_reserved_bytes_per_subject,
                          config.max_reserved_bytes)
     authenticator = make_authenticator(config)

@@ -53,6 +53,7 @@ _HELP = {
     "heartbeat_interval": "seconds between WebSocket heartbeats (default 30s)",
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",
     "header_timeout": "a new connection must send its request headers within (default 15s)",
+    "max_concurrent_chunks": "chunk bodies read at once; more get 503 (default 64)",
     "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
     "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",

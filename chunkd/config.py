@@ -101,6 +101,9 @@ class Config:
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: Chunk bodies read at once (each holds at most ~1 MiB of buffers); more get 503
+    #: ``server_busy`` with ``Retry-After`` before their body is read: memory stays bounded.
+    max_concurrent_chunks: int = 64
     #: A new connection must send its first request's headers within this long.
     header_timeout: float = 15.0
     #: An idle keep-alive connection is closed after this long.
@@ -199,6 +202,8 @@ class Config:
             raise ConfigError("session lifetime must be positive")
         if self.sweep_interval <= 0:
             raise ConfigError("sweep interval must be positive")
+        if self.max_concurrent_chunks < 1:
+            raise ConfigError("max concurrent chunks must be at least 1")
         if self.header_timeout <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError("header and keep-alive timeouts must be positive")
         if self.body_timeout <= 0:
@@ -340,6 +345,7 @@ PARSERS: dict[str, Any] = {
     "heartbeat_interval": parse_duration,
     "body_timeout": parse_duration,
     "header_timeout": parse_duration,
+    "max_concurrent_chunks": parse_int,
     "keepalive_timeout": parse_duration,
     "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,

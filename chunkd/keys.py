@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from chunkd.api.body import BodySlots
 from chunkd.api.ws_proxy import Relay
 from chunkd.auth import Authenticator
 from chunkd.config import Config
@@ -24,3 +25,5 @@ RELAYS = web.AppKey("relays", set[Relay])
 AUTH = web.AppKey("auth", Authenticator)
 #: The quotas on new sessions.
 QUOTAS = web.AppKey("quotas", Quotas)
+#: The chunk bodies being read (a bound on memory).
+BODY_SLOTS = web.AppKey("body_slots", BodySlots)

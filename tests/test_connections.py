@@ -59,3 +59,37 @@ async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds
     for writer in held:
         writer.close()
     assert srv.proc is not None and srv.proc.poll() is None  # and the server is still up
+
+
+async def test_chunk_bodies_beyond_the_cap_are_503_before_their_body(aiohttp_client, tmp_path):
+    from chunkd.app import make_app
+    from chunkd.config import Config
+    from conftest import (
+        MEDIA,
+        ChunkdTestServer,
+        chunks_of,
+        create_session,
+        put_chunk,
+        raw_partial,
+        status_line,
+    )
+
+    chunk = 16 * 1024
+    data = (MEDIA / "speech.wav").read_bytes()
+    parts = chunks_of(data, chunk)
+    config = Config(data_dir=tmp_path / "data", chunk_size=chunk, max_concurrent_chunks=2,
+                    sweep_interval=3600)
+    client = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    sid = (await create_session(client, "a.wav", data, chunk))["session_id"]
+    stalled = [await raw_partial(client, sid, i, parts[i], 100) for i in (0, 1)]
+    await asyncio.sleep(0.2)
+    busy = await put_chunk(client, sid, 2, parts[2])
+    assert busy.status == 503 and (await busy.json())["error"]["code"] == "server_busy"
+    assert busy.headers["Retry-After"] == "2"
+    reader, writer = stalled[0]
+    writer.write(parts[0][100:])
+    await writer.drain()
+    assert b"200" in await status_line(reader)
+    assert (await put_chunk(client, sid, 2, parts[2])).status == 200  # a slot is free again
+    for _, w in stalled:
+        w.close()

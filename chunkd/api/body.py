@@ -46,3 +46,21 @@ class RequestBody:
 
     async def drain(self, length: int, index: int) -> None:
         await self._each(length, index, None)
+
+
+class BodySlots:
+    """How many chunk bodies are being read right now, at most ``limit`` (per process): each
+    holds buffers, so this bounds the memory all uploads use together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def take(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def give(self) -> None:
+        self.active -= 1

@@ -16,11 +16,11 @@ from chunkd import __version__
 from chunkd import errors as E
 from chunkd.api.access import check_owner, quota_client, subject_of
 from chunkd.api.body import RequestBody
-from chunkd.api.middleware import expect_handler
+from chunkd.api.middleware import error_response, expect_handler
 from chunkd.core import quotas, uploads
 from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.handoff.whisperx import user_credential
-from chunkd.keys import CONFIG, HUB, QUOTAS, RUNNER, STORE
+from chunkd.keys import BODY_SLOTS, CONFIG, HUB, QUOTAS, RUNNER, STORE
 from chunkd.model.session import Phase, SessionState
 from chunkd.validate import check_new_session, max_chunk_size
 
@@ -119,8 +119,18 @@ async def put_chunk(request: web.Request) -> web.Response:
         raise E.CHUNK_INCOMPLETE(chunk_index=index, expected_bytes=expected,
                                  received_bytes=declared)
     sha256 = _checksum(request)
-    body = RequestBody(request, request.app[CONFIG].body_timeout)
-    receipt = await uploads.receive_chunk(store, meta, index, body, sha256)
+    slots = request.app[BODY_SLOTS]
+    if not slots.take():
+        # Answered before the body is read; the connection is closed so it is never read.
+        busy = error_response(E.SERVER_BUSY())
+        busy.headers["Retry-After"] = "2"
+        busy.force_close()
+        return busy
+    try:
+        body = RequestBody(request, request.app[CONFIG].body_timeout)
+        receipt = await uploads.receive_chunk(store, meta, index, body, sha256)
+    finally:
+        slots.give()
     request.app[HUB].poke(meta.session_id)
     done = receipt.received == meta.total_chunks
     return json_response(

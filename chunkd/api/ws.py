@@ -55,7 +55,8 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
     except ChunkdError as exc:
         await ws.close(code=close_code_for(exc), message=f"{exc.code}: {exc.message}".encode()[:120])
         return ws
-    sender = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval))
+    sender = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval,
+                                       request.transport))
     try:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -73,16 +74,26 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float) -> None:
+#: A peer that does not take a message (or the close) for this long is cut off: a socket that
+#: never reads must not be kept forever.
+SEND_TIMEOUT = 30.0
+
+
+async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float,
+                transport: asyncio.Transport | None) -> None:
     """Forward the subscriber's queue to the socket; a heartbeat whenever it is quiet."""
-    with contextlib.suppress(ConnectionError):
-        while not ws.closed:
-            try:
-                item = await asyncio.wait_for(sub.queue.get(), heartbeat)
-            except TimeoutError:
-                await _send(ws, {"type": "heartbeat", "timestamp": now_iso()})
-                continue
-            if isinstance(item, Close):
-                await ws.close(code=item.code, message=item.reason.encode())
-                return
-            await _send(ws, item)
+    try:
+        with contextlib.suppress(ConnectionError):
+            while not ws.closed:
+                try:
+                    item = await asyncio.wait_for(sub.queue.get(), heartbeat)
+                except TimeoutError:
+                    item = {"type": "heartbeat", "timestamp": now_iso()}
+                if isinstance(item, Close):
+                    await asyncio.wait_for(
+                        ws.close(code=item.code, message=item.reason.encode()), SEND_TIMEOUT)
+                    return
+                await asyncio.wait_for(_send(ws, item), SEND_TIMEOUT)
+    except TimeoutError:  # the peer stopped reading
+        if transport is not None:
+            transport.abort()
