@@ -44,18 +44,20 @@ def small_ext4(tmp_path: Path, size_mib: int = 24) -> Iterator[Path]:
 
 
 def fill(folder: Path, name: str) -> Path:
-    """Someone else fills the disk to the last byte."""
+    """Someone else fills the disk to the last block: one big file, then tiny files (one
+    block each) until none fits. Returns the folder holding them."""
     filler = folder / name
-    with open(filler, "wb") as f:
-        block = b"\0" * MiB
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(block)
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
+    filler.mkdir()
+    with contextlib.suppress(OSError), open(filler / "big", "wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * MiB)
+    for n in range(100_000):
+        try:
+            with open(filler / f"s{n}", "wb", buffering=0) as f:
+                f.write(b"x")
+                os.fsync(f.fileno())
+        except OSError:
+            break
     return filler
 
 
@@ -99,6 +101,7 @@ async def test_a_full_disk_is_clear_errors_and_can_be_freed(aiohttp_client, tmp_
         assert resp.status in (200, 409, 507), await resp.text()  # never a 500
 
         # Abort needs no space, and frees some.
+        assert os.statvfs(mnt).f_bavail == 0  # truly full
         free_before = shutil.disk_usage(mnt).free
         resp = await client.delete(f"/upload/chunked/{spare}/abort")
         assert resp.status == 200, await resp.text()
@@ -112,8 +115,8 @@ async def test_a_full_disk_is_clear_errors_and_can_be_freed(aiohttp_client, tmp_
         assert temp_files(mnt / "data") == []
 
         # Room again: a normal upload is whole.
-        filler.unlink()
-        filler_2.unlink()
+        shutil.rmtree(filler)
+        shutil.rmtree(filler_2)
         assert (await client.get("/healthz")).status == 200
         sid = await upload_all(client, "d.wav", DATA, CHUNK)
         final = await (await client.post(f"/upload/chunked/{sid}/finalize")).json()
