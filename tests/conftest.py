@@ -110,6 +110,21 @@ async def upload_all(client, filename: str, data: bytes, chunk_size: int) -> str
     return sid
 
 
+async def http_upload(http, url: str, filename: str, data: bytes, chunk_size: int,
+                      headers: dict[str, str] | None = None) -> str:
+    """Create a session on a chunkd process at ``url`` and send every chunk; the session id."""
+    async with http.post(f"{url}/upload/chunked/session", headers=headers or {},
+                         json=session_body(filename, len(data), chunk_size)) as resp:
+        assert resp.status == 201, await resp.text()
+        sid = (await resp.json())["session_id"]
+    for i, part in enumerate(chunks_of(data, chunk_size)):
+        async with http.post(f"{url}/upload/chunked/{sid}/chunk", params={"index": i}, data=part,
+                             headers={"Content-Type": "application/octet-stream",
+                                      **(headers or {})}) as resp:
+            assert resp.status == 200, await resp.text()
+    return sid
+
+
 async def raw_partial(client, sid: str, index: int, body: bytes, sent: int):
     """A chunk request whose body stops after ``sent`` of its bytes (the socket stays open)."""
     reader, writer = await asyncio.open_connection(client.host, client.port)

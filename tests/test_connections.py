@@ -12,6 +12,18 @@ import time
 import aiohttp
 import pytest
 
+from chunkd.app import make_app
+from chunkd.config import Config
+from conftest import (
+    MEDIA,
+    ChunkdTestServer,
+    chunks_of,
+    create_session,
+    put_chunk,
+    raw_partial,
+    status_line,
+)
+
 ATTACKERS = 1100  # more than the server's 1024 file descriptors
 HEADER_TIMEOUT = 2.0
 
@@ -63,18 +75,6 @@ async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds
 
 
 async def test_chunk_bodies_beyond_the_cap_are_503_before_their_body(aiohttp_client, tmp_path):
-    from chunkd.app import make_app
-    from chunkd.config import Config
-    from conftest import (
-        MEDIA,
-        ChunkdTestServer,
-        chunks_of,
-        create_session,
-        put_chunk,
-        raw_partial,
-        status_line,
-    )
-
     chunk = 16 * 1024
     data = (MEDIA / "speech.wav").read_bytes()
     parts = chunks_of(data, chunk)

@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from conftest import MEDIA, chunks_of, session_body
+from conftest import MEDIA, http_upload
 
 SPEECH = (MEDIA / "speech.wav").read_bytes()
 CHUNK = 64 * 1024
@@ -16,14 +16,7 @@ ROUNDS = 30
 
 
 async def ready_session(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.post(f"{url}/upload/chunked/session",
-                         json=session_body("speech.wav", len(SPEECH), CHUNK)) as resp:
-        sid = (await resp.json())["session_id"]
-    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
-        async with http.post(f"{url}/upload/chunked/{sid}/chunk", params={"index": i}, data=part,
-                             headers={"Content-Type": "application/octet-stream"}) as resp:
-            assert resp.status == 200
-    return sid
+    return await http_upload(http, url, "speech.wav", SPEECH, CHUNK)
 
 
 async def end(http: aiohttp.ClientSession, url: str, sid: str, how: str) -> tuple[int, str]:

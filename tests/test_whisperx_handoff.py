@@ -15,7 +15,7 @@ from aiohttp import web
 
 from chunkd.core.tasks import retry_task
 from chunkd.keys import STORE
-from conftest import MEDIA, chunks_of, create_session, put_chunk, session_body
+from conftest import MEDIA, chunks_of, create_session, http_upload, put_chunk, session_body
 from test_progress import CHUNK, SPEECH, chunkd_client, collect, stages
 from whisperx_double import RESULT, WhisperXDouble
 
@@ -461,13 +461,7 @@ async def test_a_wrong_csrf_token_is_the_services_refusal(aiohttp_client, double
 async def upload_over_http(http: aiohttp.ClientSession, url: str, headers: dict[str, str]
                            ) -> str:
     """Upload SPEECH to a chunkd process and finalize it with ``headers``; the session id."""
-    async with http.post(f"{url}/upload/chunked/session",
-                         json=session_body("speech.wav", len(SPEECH), CHUNK)) as resp:
-        sid = (await resp.json())["session_id"]
-    for i, part in enumerate(chunks_of(SPEECH, CHUNK)):
-        async with http.post(f"{url}/upload/chunked/{sid}/chunk", params={"index": i}, data=part,
-                             headers={"Content-Type": "application/octet-stream"}) as resp:
-            assert resp.status == 200
+    sid = await http_upload(http, url, "speech.wav", SPEECH, CHUNK)
     async with http.post(f"{url}/upload/chunked/{sid}/finalize", headers=headers) as resp:
         assert resp.status == 200
     return sid
