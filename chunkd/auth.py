@@ -8,11 +8,13 @@ belongs to the subject that created it.
 
 - A JWT is checked with PyJWT: HS256 only (``alg: none`` and every other algorithm refused),
   a valid signature, ``sub`` and ``exp`` required, ``aud`` checked when ``--jwt-audience`` is set.
-- An API key is one line ``<subject> <key>`` of the keys file, compared in constant time.
+- An API key is one line ``<subject> <key>`` of the keys file, compared in constant time; its
+  subject is ``key:<subject>``, so no JWT ``sub`` can own a script's sessions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from chunkd.config import Config, ConfigError
 ALGORITHMS = ["HS256"]
 #: A secret shorter than this is refused at start (RFC 7518: at least the hash's size).
 MIN_SECRET_BYTES = 32
+#: ``exp`` (and ``nbf``) are checked with this much slack for the main app's clock.
+CLOCK_SKEW_SECONDS = 30
+#: An API key's subject is ``key:<name>``: never the same as a JWT's ``sub`` (a user id).
+API_KEY_SUBJECT_PREFIX = "key:"
 
 
 @dataclass(frozen=True)
@@ -41,19 +47,23 @@ class Authenticator:
     def subject(self, token: str | None) -> str:
         if not token:
             raise E.MISSING_TOKEN()
-        by_key = self._api_key_subject(token.encode())
+        try:
+            raw = token.encode("ascii")  # a token is ASCII; anything else is no token of ours
+        except UnicodeError:
+            raise E.INVALID_TOKEN() from None
+        by_key = self._api_key_subject(raw)
         if by_key is not None:
             return by_key
         if self.secret is None:
             raise E.INVALID_TOKEN()
         try:
             claims = jwt.decode(token, self.secret, algorithms=ALGORITHMS,
-                                audience=self.audience,
+                                audience=self.audience, leeway=CLOCK_SKEW_SECONDS,
                                 options={"require": ["sub", "exp"],
                                          "verify_aud": self.audience is not None})
         except jwt.ExpiredSignatureError:
             raise E.TOKEN_EXPIRED() from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, UnicodeError, ValueError):
             raise E.INVALID_TOKEN() from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
@@ -61,10 +71,12 @@ class Authenticator:
         return sub
 
     def _api_key_subject(self, token: bytes) -> str | None:
+        # Digests of equal length are compared (no length to time), every key (no early exit).
+        digest = hashlib.sha256(token).digest()
         found = None
-        for subject, key in self.api_keys:  # every key compared: no early exit to time
-            if hmac.compare_digest(token, key):
-                found = subject
+        for subject, key in self.api_keys:
+            if hmac.compare_digest(digest, hashlib.sha256(key).digest()):
+                found = API_KEY_SUBJECT_PREFIX + subject
         return found
 
 

@@ -3,6 +3,7 @@ creator's. Every endpoint and the WebSocket against every kind of bad credential
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 
@@ -235,3 +236,20 @@ async def test_ownership_holds_across_a_restart_and_no_token_is_logged(server_fa
     log = second.terminate()
     assert ann not in log and bob not in log and SECRET not in log
     assert SECRET not in "\n".join(second.banner)
+
+
+async def test_a_token_that_is_not_ascii_is_invalid_not_a_500(auth_client):
+    reader, writer = await asyncio.open_connection(auth_client.host, auth_client.port)
+    writer.write(b"GET /upload/chunked/00000000-0000-4000-8000-000000000000/status HTTP/1.1\r\n"
+                 b"Host: x\r\nAuthorization: Bearer \xff\xfe\xfd\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401") and b'"invalid_token"' in answer
+
+
+async def test_an_api_keys_subject_is_no_jwt_subject(auth_client):
+    """A user whose id happens to be a script's name does not own the script's sessions."""
+    script_sid = await new_session(auth_client, ANN_KEY)
+    resp = await call(auth_client, "status", script_sid, token("ann-script"))
+    assert resp.status == 403

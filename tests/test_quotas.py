@@ -107,3 +107,38 @@ def test_limit_settings_are_checked(tmp_path):
                      "rate_limit": "2.5", "data_dir": str(tmp_path)}, env={})
     assert (c.max_reserved_bytes_per_subject, c.idle_session_ttl, c.rate_limit) == (
         1 << 30, 1800.0, 2.5)
+
+
+async def test_concurrent_creates_cannot_overshoot_the_quota(aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await app_client(aiohttp_client, tmp_path, max_sessions_per_subject=2)
+    answers = await asyncio.gather(*(create(client) for _ in range(30)))
+    assert sorted(r.status for r in answers) == [201, 201] + [429] * 28
+
+
+@pytest.mark.parametrize("headers", [
+    [{"CF-Connecting-IP": f"junk{i}"} for i in range(3)],  # not addresses: not believed
+    [{"CF-Connecting-IP": f"2001:db8:1:2::{i}"} for i in range(1, 4)],  # one /64: one client
+])
+async def test_forwarded_addresses_cannot_mint_new_clients(aiohttp_client, tmp_path, headers):
+    client = await app_client(aiohttp_client, tmp_path, max_sessions_per_subject=1,
+                              trusted_proxies=("127.0.0.0/8",))
+    statuses = [(await create(client, **h)).status for h in headers]
+    assert statuses == [201, 429, 429]
+
+
+async def test_a_slow_or_big_session_request_is_cut_off(aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await app_client(aiohttp_client, tmp_path, body_timeout=0.5)
+    big = await client.post("/upload/chunked/session", data=b"{" + b" " * 70_000 + b"}",
+                            headers={"Content-Type": "application/json"})
+    assert big.status == 413
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /upload/chunked/session HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"file")
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert b"408" in line

@@ -794,3 +794,27 @@ async def test_with_chunkds_own_auth_the_users_key_has_its_own_header(aiohttp_cl
             break
         await asyncio.sleep(0.05)
     assert double.submissions[0]["user"] == "ann"
+
+
+async def test_the_relay_never_forwards_chunkds_own_token(aiohttp_client, double_url, tmp_path):
+    seen: list[str | None] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        seen.append(request.headers.get("Authorization"))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/tasks/{id}", socket)
+    client = await chunkd_client(aiohttp_client, tmp_path, handoff="whisperx",
+                                 whisperx_url=await double_url(Serving(app)),
+                                 jwt_secret="a-secret-shared-with-the-main-app-of-enough-length")
+    for headers in ({"Authorization": "Bearer chunkds-own-token"},
+                    {"Authorization": "Bearer chunkds-own-token",
+                     "X-WhisperX-Authorization": "Bearer whsk_users_key"}):
+        ws = await client.ws_connect("/ws/tasks/a-service-task", headers=headers)
+        await ws.receive()
+        await ws.close()
+    assert seen == [None, "Bearer whsk_users_key"]

@@ -48,14 +48,26 @@ def client_address(request: web.Request) -> str:
     cidrs = request.app[CONFIG].trusted_proxies
     if not cidrs or not _trusted(peer, cidrs):
         return peer
-    cf = request.headers.get("CF-Connecting-IP", "").strip()
-    if cf:
+    cf = _address(request.headers.get("CF-Connecting-IP", ""))
+    if cf is not None:
         return cf
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
     for hop in reversed(hops):
         if not _trusted(hop, cidrs):
-            return hop
-    return hops[0] if hops else peer
+            return _address(hop) or peer  # not an address: the proxy itself is the client
+    return peer
+
+
+def _address(text: str) -> str | None:
+    """A client key from a forwarded address: the address, an IPv6 one as its /64 (one
+    client holds a whole /64); None if it is no address at all."""
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def quota_client(request: web.Request, subject: str | None) -> str:

@@ -3,6 +3,7 @@ shape JSON. Decisions live in :mod:`chunkd.core`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -27,6 +28,8 @@ from chunkd.validate import check_new_session, max_chunk_size
 _CHECKSUM = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
 routes = web.RouteTableDef()
+#: A session request is a small JSON object (the task_params are at most 16 KiB).
+MAX_SESSION_BODY = 64 * 1024
 log = logging.getLogger("chunkd.api")
 
 
@@ -52,7 +55,7 @@ async def create_session(request: web.Request) -> web.Response:
     subject = subject_of(request)
     if request.content_type not in ("application/json", "application/octet-stream"):
         raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/json")
-    raw = await request.read()  # bounded by client_max_size (1 MiB): 413 beyond it
+    raw = await _small_body(request, MAX_SESSION_BODY, config.body_timeout)
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -60,8 +63,11 @@ async def create_session(request: web.Request) -> web.Response:
     store = request.app[STORE]
     fields = check_new_session(doc, config, store.limits)
     client = quota_client(request, subject)
-    await quotas.check_new_session(store, request.app[QUOTAS], client, fields["total_size"])
-    meta = await store.create(ttl=config.session_ttl, owner=subject, client=client, **fields)
+    limits = request.app[QUOTAS]
+    async with limits.lock:  # check and create as one step: concurrent creates cannot overshoot
+        await quotas.check_new_session(store, limits, client, fields["total_size"])
+        meta = await store.create(ttl=config.session_ttl, owner=subject, client=client,
+                                  **fields)
     return json_response(
         {
             "session_id": meta.session_id,
@@ -74,6 +80,26 @@ async def create_session(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+async def _small_body(request: web.Request, limit: int, idle: float) -> bytes:
+    """A small body (at most ``limit`` bytes: 413 beyond), under the same idle deadline as a
+    chunk's, so a slow sender cannot hold the connection."""
+    if (request.content_length or 0) > limit:
+        raise E.TOO_LARGE()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            data = await asyncio.wait_for(request.content.readany(), idle)
+        except TimeoutError:
+            raise E.BODY_TIMEOUT(seconds=idle) from None
+        if not data:
+            return b"".join(parts)
+        size += len(data)
+        if size > limit:
+            raise E.TOO_LARGE()
+        parts.append(data)
 
 
 def _chunk_index(request: web.Request, total_chunks: int) -> int:

@@ -43,7 +43,8 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
     known, meta = await _meta(request.app[STORE], any_id)
     if service is not None and not known and RELAYABLE_ID.fullmatch(any_id):
         # The service's own task: the service checks who is asking (its ticket), not chunkd.
-        return await relay(request, service, request.app[RELAYS])
+        return await relay(request, service, request.app[RELAYS],
+                           chunkd_auth=request.app[CONFIG].auth_on)
     subject = subject_of(request, websocket=True)  # refused before the handshake: 401 / 403
     if meta is not None:
         check_owner(meta, subject)

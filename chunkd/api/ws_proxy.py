@@ -21,6 +21,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from chunkd import errors as E
+from chunkd.handoff.whisperx import SERVICE_AUTH_HEADER
 
 log = logging.getLogger("chunkd.ws_proxy")
 
@@ -63,8 +64,8 @@ class Relay:
                     await side.close(code=1001, message=b"chunkd shutting down")
 
 
-async def relay(request: web.Request, base_ws_url: str, relays: set[Relay]
-                ) -> web.StreamResponse:
+async def relay(request: web.Request, base_ws_url: str, relays: set[Relay], *,
+                chunkd_auth: bool = False) -> web.StreamResponse:
     """Connect to the service's socket for this id, then relay both ways."""
     if not web.WebSocketResponse().can_prepare(request).ok:
         # Not a WebSocket handshake: never open one to the service (it could use up a ticket).
@@ -77,6 +78,10 @@ async def relay(request: web.Request, base_ws_url: str, relays: set[Relay]
     if query:
         target += "?" + urlencode(query)
     headers = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
+    if chunkd_auth:  # Authorization is chunkd's own token then: never the service's business
+        headers.pop("Authorization", None)
+        if SERVICE_AUTH_HEADER in request.headers:
+            headers["Authorization"] = request.headers[SERVICE_AUTH_HEADER]
     forwarded = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{forwarded}, {request.remote}" if forwarded else str(
         request.remote or "")

@@ -2,13 +2,15 @@
 and how many bytes all open sessions may reserve together.
 
 A *client* is the authenticated subject, or the client's address when auth is off. Counted from
-the store's own state (``scan``), so every process on the folder sees the same totals; two
-creations racing in two processes may both pass, by at most one session each.
+the store's own state (``scan``), so every process on the folder sees the same totals. Within
+a process the check and the creation are one step (:data:`CREATION`); creations racing in two
+processes may each pass once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from chunkd import errors as E
 from chunkd.store.base import SessionStore
@@ -16,9 +18,12 @@ from chunkd.store.base import SessionStore
 
 @dataclass(frozen=True)
 class Quotas:
+    """The limits; ``lock`` makes check-then-create one step within this process."""
+
     max_sessions_per_client: int = 0  # 0: no limit
     max_bytes_per_client: int = 0
     max_bytes_total: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
