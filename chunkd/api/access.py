@@ -14,7 +14,7 @@ from aiohttp import web
 
 from chunkd import errors as E
 from chunkd.auth import bearer_token
-from chunkd.keys import AUTH, CONFIG
+from chunkd.keys import AUTH, CONFIG, STORE
 from chunkd.model.session import SessionMeta
 
 
@@ -79,3 +79,12 @@ def check_owner(meta: SessionMeta, subject: str | None) -> None:
     """403 unless auth is off or ``subject`` created the session."""
     if subject is not None and meta.owner != subject:
         raise E.FORBIDDEN()
+
+
+async def owned_session(request: web.Request, session_id: str) -> SessionMeta:
+    """The session's metadata for this request: 401 without a valid token (before the session
+    is looked up), 404/410 as the store says, 403 if it is another subject's."""
+    subject = subject_of(request)
+    meta = await request.app[STORE].get(session_id)
+    check_owner(meta, subject)
+    return meta

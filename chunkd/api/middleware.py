@@ -40,7 +40,7 @@ def error_response(exc: ChunkdError) -> web.Response:
     except TypeError:  # a detail JSON cannot hold (e.g. an integer past 64 bits): drop details
         body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
     resp = web.Response(status=exc.status, body=body, content_type="application/json")
-    if "retry_after" in exc.details:
+    if "retry_after" in exc.details:  # the one place a Retry-After is set
         resp.headers["Retry-After"] = str(exc.details["retry_after"])
     if exc.status == 401:  # RFC 6750: say which scheme, and why
         reason = "invalid_token" if exc.code in ("invalid_token", "token_expired") else ""
@@ -96,18 +96,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return error_response(E.CLIENT_DISCONNECTED())
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             log.warning("%s %s: out of file descriptors", request.method, request.path)
-            resp = error_response(E.SERVER_BUSY())
-            resp.headers["Retry-After"] = "5"
-            return resp
+            return error_response(E.SERVER_BUSY(retry_after=5))
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.warning("%s %s: the data dir is full", request.method, request.path)
             return error_response(E.INSUFFICIENT_STORAGE(reason="the disk is full"))
         if exc.errno in (errno.EROFS, errno.EIO):
             log.error("%s %s: the data dir cannot be written (%s)", request.method, request.path,
                       exc.strerror)
-            resp = error_response(E.STORAGE_UNAVAILABLE())
-            resp.headers["Retry-After"] = "30"
-            return resp
+            return error_response(E.STORAGE_UNAVAILABLE(retry_after=30))
         log.exception("%s %s failed", request.method, request.path)
         return error_response(E.INTERNAL_ERROR())
     except Exception:

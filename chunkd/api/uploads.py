@@ -15,7 +15,7 @@ from aiohttp import web
 
 from chunkd import __version__
 from chunkd import errors as E
-from chunkd.api.access import check_owner, quota_client, subject_of
+from chunkd.api.access import check_owner, owned_session, quota_client, subject_of
 from chunkd.api.body import RequestBody
 from chunkd.api.middleware import error_response, expect_handler
 from chunkd.core import quotas, uploads
@@ -128,9 +128,7 @@ def _checksum(request: web.Request) -> str | None:
 @routes.post("/upload/chunked/{session_id}/chunk", expect_handler=expect_handler)
 async def put_chunk(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    subject = subject_of(request)
-    meta = await store.get(request.match_info["session_id"])
-    check_owner(meta, subject)
+    meta = await owned_session(request, request.match_info["session_id"])
     index = _chunk_index(request, meta.total_chunks)
     if request.content_type != "application/octet-stream":
         raise E.UNSUPPORTED_CONTENT_TYPE(expected="application/octet-stream")
@@ -148,8 +146,7 @@ async def put_chunk(request: web.Request) -> web.Response:
     slots = request.app[BODY_SLOTS]
     if not slots.take():
         # Answered before the body is read; the connection is closed so it is never read.
-        busy = error_response(E.SERVER_BUSY())
-        busy.headers["Retry-After"] = "2"
+        busy = error_response(E.SERVER_BUSY(retry_after=2))
         busy.force_close()
         return busy
     try:
@@ -207,8 +204,7 @@ async def get_status(request: web.Request) -> web.Response:
 async def finalize_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     started = time.perf_counter()
-    subject = subject_of(request)  # 401 before anything about the session is said
-    check_owner(await request.app[STORE].get(sid), subject)
+    await owned_session(request, sid)
     credential = None
     config = request.app[CONFIG]
     if config.handoff == "whisperx" and config.whisperx_credentials == "user":
@@ -241,8 +237,7 @@ async def finalize_session(request: web.Request) -> web.Response:
 @routes.delete("/upload/chunked/{session_id}/abort", expect_handler=expect_handler)
 async def abort_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
-    subject = subject_of(request)  # 401 before anything about the session is said
-    check_owner(await request.app[STORE].get(sid), subject)
+    await owned_session(request, sid)
     await uploads.abort(request.app[STORE], sid)
     request.app[HUB].poke(sid)
     return json_response(
