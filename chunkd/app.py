@@ -91,7 +91,7 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app[HUB] = hub
     app[RUNNER] = TaskRunner(store, make_handoff(config), hub)
     app[RELAYS] = set()
-    app[BODY_SLOTS] = BodySlots(config.max_concurrent_chunks)
+    app[BODY_SLOTS] = BodySlots(config.max_concurrent_chunks, config.max_chunks_per_client)
     app[QUOTAS] = Quotas(config.max_sessions_per_subject, config.max_reserved_bytes_per_subject,
                          config.max_reserved_bytes)
     authenticator = make_authenticator(config)

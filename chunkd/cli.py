@@ -32,6 +32,7 @@ _HELP = {
     "host": "address to listen on (default 127.0.0.1)",
     "port": "TCP port, 0 for any free one (default 8080)",
     "chunk_size": "chunk size offered to clients, e.g. 50MiB (default 50MiB)",
+    "min_chunk_size": "smallest chunk a session may use, unless the file is smaller (default 1MiB)",
     "max_chunk_size": "largest chunk accepted; under Cloudflare's 100 MB (default 95MiB)",
     "max_file_size": "largest file a session may declare (default 50GiB)",
     "session_ttl": "session lifetime, e.g. 24h (default 24h)",
@@ -54,6 +55,11 @@ _HELP = {
     "body_timeout": "cut off a chunk body that sends nothing for this long (default 60s)",
     "header_timeout": "a new connection must send its request headers within (default 15s)",
     "max_concurrent_chunks": "chunk bodies read at once; more get 503 (default 64)",
+    "max_chunks_per_client": "of those, most one client may hold (default 16)",
+    "min_body_rate": "a chunk body slower than this many bytes/s on average is cut off "
+    "(default 8KiB; 0 off)",
+    "max_connections": "open connections at most, kept below the open-files limit; more get "
+    "503 (default 1024)",
     "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
     "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
@@ -82,11 +88,10 @@ _HELP = {
 }
 
 
-#: aiohttp stops reading a request body above 2x this and resumes below it. Its default (64 KiB)
-#: pauses and resumes the socket thousands of times a second at ~1 GB/s. Measured with
-#: chunkd bench (1 GiB, 1 in flight, 5 runs): 256 KiB gave +16% (durable off) and +7% (on) with
-#: peak RSS for 16 parallel chunks at ~85 MiB; 512 KiB gave +37% / +25% but ~105 MiB.
-READ_BUFSIZE = 256 * 1024
+#: aiohttp stops reading a request body above 2x this and resumes below it: small, so a request
+#: whose body is not (yet) being read holds little. A chunk body that got a slot raises it
+#: (``chunkd.api.body.BODY_READ_SIZE``).
+READ_BUFSIZE = 16 * 1024
 
 
 def _human(n: float) -> str:
@@ -132,20 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit to the hard one: each connection holds a descriptor, and
-    the usual soft 1024 is what idle sockets would exhaust first."""
+#: Descriptors kept free of connections: data files, markers, leases, libmagic, WebSocket relays.
+RESERVED_FDS = 128
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (each connection holds a descriptor, and
+    the usual soft 1024 is what idle sockets would exhaust first); the resulting soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_cap(configured: int) -> int:
+    """``--max-connections``, lowered so that connections never take the last descriptors."""
+    soft = raise_fd_limit()
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(16, min(configured, soft - RESERVED_FDS))
 
 
 def describe(config: Config, url: str) -> str:
     return "\n".join([
         f"chunkd {__version__} listening on {url}",
         f"  storing in   {config.data_dir.resolve()}",
-        f"  chunks       {_human(config.chunk_size)} offered, {_human(config.max_chunk_size)} max",
+        f"  chunks       {_human(config.chunk_size)} offered, {_human(config.min_chunk_size)} min, "
+        f"{_human(config.max_chunk_size)} max",
         f"  files        {_human(config.max_file_size)} max, "
         f"extensions: {', '.join(sorted(config.allowed_extensions))}",
         f"  sessions     expire after {_duration(config.session_ttl)}, swept every "
@@ -189,9 +208,9 @@ async def serve(config: Config) -> None:
         for line in await check_service_url(config.whisperx_url, config.max_file_size):
             print(f"chunkd: warning: {line}", file=sys.stderr, flush=True)
     app = make_app(config)
-    raise_fd_limit()
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
                                 header_timeout=config.header_timeout,
+                                max_connections=connection_cap(config.max_connections),
                                 keepalive_timeout=config.keepalive_timeout,
                                 read_bufsize=READ_BUFSIZE)
     await runner.setup()

@@ -35,6 +35,9 @@ DEFAULT_SWEEP_INTERVAL = 300.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 #: Smallest chunk size the server may be configured to offer (a store may ask for more).
 MIN_CHUNK_SIZE = 1 * KiB
+#: Smallest chunk a session may use by default: each chunk costs a marker file (an inode and a
+#: block), so 1 MiB keeps the bookkeeping under 0.4% of the bytes and under one inode per MiB.
+DEFAULT_MIN_CHUNK_SIZE = 1 * MiB
 
 DEFAULT_EXTENSIONS = (
     "mp3", "wav", "m4a", "aac", "ogg", "oga", "opus", "flac", "wma", "amr", "aiff", "aif",
@@ -66,6 +69,8 @@ class Config:
     port: int = DEFAULT_PORT
     #: Chunk size offered to clients that do not ask for one (50 MiB).
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Smallest chunk a session may use (1 MiB), unless the whole file is smaller.
+    min_chunk_size: int = DEFAULT_MIN_CHUNK_SIZE
     #: Largest chunk accepted (95 MiB): must stay under Cloudflare's 100 MB body cap.
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
     #: Largest file a session may declare (50 GiB).
@@ -104,6 +109,14 @@ class Config:
     #: Chunk bodies read at once (each holds at most ~1 MiB of buffers); more get 503
     #: ``server_busy`` with ``Retry-After`` before their body is read: memory stays bounded.
     max_concurrent_chunks: int = 64
+    #: Of those, most one client (subject, or address without auth) may hold at once.
+    max_chunks_per_client: int = 16
+    #: A chunk body must arrive at this many bytes a second on average (after its first
+    #: ``body_timeout``), or it is cut off with 408: a trickle cannot hold a slot for hours.
+    min_body_rate: int = 8 * KiB
+    #: Most connections open at once (also kept below the open-files limit): one beyond it
+    #: gets 503 ``server_busy`` at once. Each holds a descriptor and some buffered bytes.
+    max_connections: int = 1024
     #: A new connection must send its first request's headers within this long.
     header_timeout: float = 15.0
     #: An idle keep-alive connection is closed after this long.
@@ -182,10 +195,15 @@ class Config:
             )
         if self.max_chunk_size < MIN_CHUNK_SIZE:
             raise ConfigError(f"max chunk size must be at least {MIN_CHUNK_SIZE} bytes")
-        if not MIN_CHUNK_SIZE <= self.chunk_size <= self.max_chunk_size:
+        if not MIN_CHUNK_SIZE <= self.min_chunk_size <= self.max_chunk_size:
             raise ConfigError(
-                f"chunk size {self.chunk_size} must be between {MIN_CHUNK_SIZE} and the max chunk "
-                f"size {self.max_chunk_size}"
+                f"min chunk size {self.min_chunk_size} must be between {MIN_CHUNK_SIZE} and the "
+                f"max chunk size {self.max_chunk_size}"
+            )
+        if not self.min_chunk_size <= self.chunk_size <= self.max_chunk_size:
+            raise ConfigError(
+                f"chunk size {self.chunk_size} must be between the min chunk size "
+                f"{self.min_chunk_size} and the max chunk size {self.max_chunk_size}"
             )
         if self.idle_session_ttl <= 0:
             raise ConfigError("idle session lifetime must be positive")
@@ -204,6 +222,12 @@ class Config:
             raise ConfigError("sweep interval must be positive")
         if self.max_concurrent_chunks < 1:
             raise ConfigError("max concurrent chunks must be at least 1")
+        if self.max_chunks_per_client < 1:
+            raise ConfigError("max chunks per client must be at least 1")
+        if self.min_body_rate < 0:
+            raise ConfigError("min body rate must not be negative")
+        if self.max_connections < 16:
+            raise ConfigError("max connections must be at least 16")
         if self.header_timeout <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError("header and keep-alive timeouts must be positive")
         if self.body_timeout <= 0:
@@ -327,6 +351,7 @@ PARSERS: dict[str, Any] = {
     "host": str,
     "port": parse_int,
     "chunk_size": parse_size,
+    "min_chunk_size": parse_size,
     "max_chunk_size": parse_size,
     "max_file_size": parse_size,
     "session_ttl": parse_duration,
@@ -346,6 +371,9 @@ PARSERS: dict[str, Any] = {
     "body_timeout": parse_duration,
     "header_timeout": parse_duration,
     "max_concurrent_chunks": parse_int,
+    "max_chunks_per_client": parse_int,
+    "min_body_rate": parse_size,
+    "max_connections": parse_int,
     "keepalive_timeout": parse_duration,
     "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,

@@ -129,6 +129,8 @@ TASK_NOT_FOUND = _e("task_not_found", 404, "no task {task_id}")
 METHOD_NOT_ALLOWED = _e("method_not_allowed", 405, "method not allowed")
 # -- 408 ----------------------------------------------------------------------------------------
 BODY_TIMEOUT = _e("body_timeout", 408, "no chunk data arrived for {seconds:g} s")
+BODY_TOO_SLOW = _e("body_too_slow", 408,
+                   "the chunk arrived slower than {min_rate} bytes a second; send it again")
 # -- 409: the session's state does not allow it -----------------------------------------------
 CHUNKS_MISSING = _e("chunks_missing", 409,
                     "{missing_count} of {total_chunks} chunks are missing")

@@ -75,6 +75,12 @@ def max_chunk_size(config: Config, limits: StoreLimits) -> int:
     return min(config.max_chunk_size, limits.max_part_size)
 
 
+def min_chunk_size(config: Config, limits: StoreLimits) -> int:
+    """The smallest chunk a session may use (unless its whole file is smaller): the server's
+    setting or the store's smallest part, whichever is larger."""
+    return max(config.min_chunk_size, limits.min_part_size)
+
+
 def check_new_session(doc: Any, config: Config, limits: StoreLimits) -> dict[str, Any]:
     """Validate a ``POST /upload/chunked/session`` body against the server's limits and the
     store's; return the store's ``create`` fields."""
@@ -93,9 +99,10 @@ def check_new_session(doc: Any, config: Config, limits: StoreLimits) -> dict[str
     largest = max_chunk_size(config, limits)
     if chunk_size > largest:
         raise E.CHUNK_SIZE_TOO_LARGE(chunk_size=chunk_size, max_chunk_size=largest)
-    if chunk_size < limits.min_part_size:
-        raise E.INVALID_VALUE(field="chunk_size", rule=f"must be at least {limits.min_part_size} "
-                              "bytes", min_chunk_size=limits.min_part_size)
+    smallest = min_chunk_size(config, limits)
+    if chunk_size < min(smallest, total_size):
+        raise E.INVALID_VALUE(field="chunk_size", rule=f"must be at least {smallest} bytes (or "
+                              "the whole file)", min_chunk_size=smallest)
     expected_chunks = math.ceil(total_size / chunk_size)
     total_chunks = _int_field(doc, "total_chunks")
     if total_chunks != expected_chunks:

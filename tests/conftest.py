@@ -32,7 +32,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(data_dir=tmp_path / "data", chunk_size=4 * KiB, sweep_interval=3600)
+    return Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4 * KiB, sweep_interval=3600)
 
 
 class ChunkdTestServer(TestServer):
@@ -158,7 +158,8 @@ class ServerProcess:
                "--data-dir", str(self.data_dir), *self.args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **self.env},
+            # the tests' sessions use small chunks (the default minimum is 1 MiB)
+            env={"CHUNKD_MIN_CHUNK_SIZE": "1KiB", **os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None

@@ -219,7 +219,7 @@ async def test_healthz_on_a_read_only_data_dir_is_503(aiohttp_client, tmp_path):
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
     try:
-        client = await aiohttp_client(make_app(Config(data_dir=mnt / "data", min_free_space=0)))
+        client = await aiohttp_client(make_app(Config(min_chunk_size=1024, data_dir=mnt / "data", min_free_space=0)))
         assert (await client.get("/healthz")).status == 200
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         resp = await client.get("/healthz")
@@ -234,7 +234,7 @@ async def test_cors_for_configured_origins(aiohttp_client, tmp_path):
     from chunkd.app import make_app
     from chunkd.config import Config
 
-    config = Config(data_dir=tmp_path / "d", cors_origins=frozenset({"http://localhost:5173"}))
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "d", cors_origins=frozenset({"http://localhost:5173"}))
     client = await aiohttp_client(make_app(config))
     pre = await client.options("/upload/chunked/session", headers={
         "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
@@ -258,7 +258,7 @@ async def test_any_origin_gets_no_credentials(aiohttp_client, tmp_path):
     from chunkd.app import make_app
     from chunkd.config import Config
 
-    config = Config(data_dir=tmp_path / "d", cors_origins=frozenset({"*"}))
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "d", cors_origins=frozenset({"*"}))
     client = await aiohttp_client(make_app(config))
     resp = await client.get("/healthz", headers={"Origin": "http://anyone.example"})
     assert resp.headers["Access-Control-Allow-Origin"] == "http://anyone.example"
@@ -275,7 +275,7 @@ async def test_session_limits_come_from_the_store(aiohttp_client, tmp_path):
     class TightStore(FileSystemStore):
         limits = StoreLimits(min_part_size=8192, max_part_size=16384, max_parts=3)
 
-    config = Config(data_dir=tmp_path / "data", chunk_size=8192)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=8192)
     client = await aiohttp_client(make_app(config, TightStore(config.data_dir)))
     resp = await client.post("/upload/chunked/session",
                              json=session_body("a.wav", 20000, 4096))

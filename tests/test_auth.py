@@ -55,7 +55,7 @@ BOB_KEY = "bob-script-key-0123456789abcdef"
 def auth_config(tmp_path) -> Config:
     keys = tmp_path / "keys"
     keys.write_text(f"# subject key\nann-script {ANN_KEY}\nbob {BOB_KEY}\n")
-    return Config(data_dir=tmp_path / "data", chunk_size=CHUNK, jwt_secret=SECRET,
+    return Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=CHUNK, jwt_secret=SECRET,
                   jwt_audience=AUDIENCE, api_keys_file=keys)
 
 
@@ -194,7 +194,7 @@ async def test_the_owner_follows_the_websocket(auth_client, how):
 
 def test_auth_settings_are_checked_at_start(tmp_path):
     with pytest.raises(ConfigError, match="32 bytes"):
-        make_authenticator(Config(data_dir=tmp_path, jwt_secret="short"))
+        make_authenticator(Config(min_chunk_size=1024, data_dir=tmp_path, jwt_secret="short"))
     (tmp_path / "s").write_text(SECRET)
     with pytest.raises(ConfigError, match="once"):
         load_config({"jwt_secret": SECRET, "jwt_secret_file": str(tmp_path / "s"),
@@ -203,9 +203,9 @@ def test_auth_settings_are_checked_at_start(tmp_path):
         load_config({"jwt_audience": "x", "data_dir": str(tmp_path)}, env={})
     (tmp_path / "k").write_text("only-a-subject\n")
     with pytest.raises(ConfigError, match="line 1"):
-        make_authenticator(Config(data_dir=tmp_path, api_keys_file=tmp_path / "k"))
-    assert make_authenticator(Config(data_dir=tmp_path)) is None  # off by default
-    from_file = make_authenticator(Config(data_dir=tmp_path, jwt_secret_file=tmp_path / "s"))
+        make_authenticator(Config(min_chunk_size=1024, data_dir=tmp_path, api_keys_file=tmp_path / "k"))
+    assert make_authenticator(Config(min_chunk_size=1024, data_dir=tmp_path)) is None  # off by default
+    from_file = make_authenticator(Config(min_chunk_size=1024, data_dir=tmp_path, jwt_secret_file=tmp_path / "s"))
     assert from_file is not None and from_file.subject(token(aud=None)) == "ann"
 
 

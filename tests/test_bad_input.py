@@ -599,7 +599,7 @@ async def test_wrong_method_names_the_allowed_ones(client, sid, method, path, al
 async def test_session_bigger_than_free_disk_is_507(aiohttp_client, tmp_path):
     data_dir = tmp_path / "data"
     chunk = 99_000_000
-    cfg = Config(data_dir=data_dir, max_file_size=1 << 50, max_chunk_size=chunk, chunk_size=chunk,
+    cfg = Config(min_chunk_size=1024, data_dir=data_dir, max_file_size=1 << 50, max_chunk_size=chunk, chunk_size=chunk,
                  sweep_interval=3600)
     client = await aiohttp_client(make_app(cfg))
     total = shutil.disk_usage(data_dir).free + (1 << 30)  # 1 GiB more than there is
@@ -617,7 +617,7 @@ async def test_session_bigger_than_free_disk_is_507(aiohttp_client, tmp_path):
 
 async def test_expired_session_is_410_everywhere(aiohttp_client, tmp_path):
     ttl = 0.5
-    cfg = Config(data_dir=tmp_path / "data", chunk_size=CHUNK, session_ttl=ttl, sweep_interval=3600)
+    cfg = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=CHUNK, session_ttl=ttl, sweep_interval=3600)
     client = await aiohttp_client(make_app(cfg))
     sid = (await create_session(client, "speech.ogg", OGG, CHUNK))["session_id"]
     assert (await put_chunk(client, sid, 0, PARTS[0])).status == 200

@@ -86,7 +86,7 @@ async def test_browser_upload_with_live_progress(aiohttp_server, aiohttp_client,
     browser = chromium()
     pages = await page_server(aiohttp_server)
     page_origin = str(pages.make_url("")).rstrip("/")
-    config = Config(data_dir=tmp_path / "data", cors_origins=frozenset({page_origin}))
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", cors_origins=frozenset({page_origin}))
     api = await aiohttp_client(ChunkdTestServer(make_app(config)))
     api_url = str(api.make_url("")).rstrip("/")
     profile = tmp_path / "profile"

@@ -77,7 +77,7 @@ def test_serve_prints_where_and_limits(server_factory, tmp_path):
     text = "\n".join(srv.banner)
     assert srv.url.startswith("http://127.0.0.1:")
     assert str((tmp_path / "data").resolve()) in text
-    assert "8 MiB offered, 95 MiB max" in text
+    assert "8 MiB offered, 1 KiB min, 95 MiB max" in text
     assert "3 GiB max" in text
     assert "fdatasync every chunk" in text
 

@@ -55,30 +55,61 @@ async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds
     await asyncio.gather(*(hold() for _ in range(ATTACKERS)))
     assert len(held) > 1000  # the attack is on: the server's descriptors are (nearly) all taken
     started = time.monotonic()
+    busy = 0
     async with aiohttp.ClientSession() as http:
         for _ in range(60):
             try:
                 async with http.get(f"{srv.url}/healthz",
                                     timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                    assert resp.status == 200
-                    break
+                    if resp.status == 200:
+                        break
+                    # over the connection cap: told so at once, in JSON, never left hanging
+                    assert resp.status == 503, resp.status
+                    assert (await resp.json())["error"]["code"] == "server_busy"
+                    busy += 1
             except (aiohttp.ClientError, TimeoutError):
-                await asyncio.sleep(0.2)
+                pass
+            await asyncio.sleep(0.2)
         else:
             raise AssertionError("a new client never got in")
     waited = time.monotonic() - started
-    print(f"{len(held)} idle sockets held; a new client was served after {waited:.1f} s")
+    print(f"{len(held)} idle sockets held; a new client was served after {waited:.1f} s "
+          f"({busy} x 503 server_busy before)")
     assert waited < HEADER_TIMEOUT + 6, waited  # the idle ones were cut at the header timeout
     for writer in held:
         writer.close()
     assert srv.proc is not None and srv.proc.poll() is None  # and the server is still up
 
 
+async def test_connections_beyond_the_cap_get_503_at_once(server_factory):
+    srv = server_factory("--max-connections", "16")
+    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+    held = []
+    for _ in range(16):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        held.append(writer)
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        async with http.get(f"{srv.url}/healthz") as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "2"
+            assert resp.headers["Server"] == "chunkd"
+            assert (await resp.json())["error"]["code"] == "server_busy"
+        assert time.monotonic() - started < 1  # answered at once, not queued
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.3)
+        async with http.get(f"{srv.url}/healthz") as resp:  # a place is free again
+            assert resp.status == 200
+
+
 async def test_chunk_bodies_beyond_the_cap_are_503_before_their_body(aiohttp_client, tmp_path):
     chunk = 16 * 1024
     data = (MEDIA / "speech.wav").read_bytes()
     parts = chunks_of(data, chunk)
-    config = Config(data_dir=tmp_path / "data", chunk_size=chunk, max_concurrent_chunks=2,
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=chunk, max_concurrent_chunks=2,
                     sweep_interval=3600)
     client = await aiohttp_client(ChunkdTestServer(make_app(config)))
     sid = (await create_session(client, "a.wav", data, chunk))["session_id"]

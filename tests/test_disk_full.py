@@ -67,7 +67,7 @@ def temp_files(root: Path) -> list[Path]:
 
 async def test_a_full_disk_is_clear_errors_and_can_be_freed(aiohttp_client, tmp_path):
     with small_ext4(tmp_path) as mnt:
-        config = Config(data_dir=mnt / "data", chunk_size=CHUNK, min_free_space=1 * MiB,
+        config = Config(min_chunk_size=1024, data_dir=mnt / "data", chunk_size=CHUNK, min_free_space=1 * MiB,
                         sweep_interval=3600, session_ttl=3600)
         client = await aiohttp_client(ChunkdTestServer(make_app(config)))
         store = client.server.app[STORE]

@@ -84,7 +84,7 @@ class TracedServer:
         self.proc = subprocess.Popen(
             ["strace", "-f", "-ttt", "-y", "-qq", "-e", f"trace={TRACED}", "-o", str(log),
              sys.executable, "-m", "chunkd", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--data-dir", str(data_dir)],
+             "--data-dir", str(data_dir), "--min-chunk-size", "1KiB"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 30

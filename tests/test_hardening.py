@@ -69,7 +69,7 @@ async def test_resend_with_other_content_is_a_conflict(client):
 
 
 async def test_a_silent_body_is_cut_off(aiohttp_client, tmp_path):
-    config = Config(data_dir=tmp_path / "data", chunk_size=4096, body_timeout=0.5)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, body_timeout=0.5)
     client = await aiohttp_client(ChunkdTestServer(make_app(config)))
     parts = chunks_of(SPEECH, CHUNK)
     sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]

@@ -88,7 +88,7 @@ async def test_no_server_paths_in_replies_or_messages(client, config):
 
 
 async def test_a_507_does_not_tell_the_free_space(aiohttp_client, tmp_path):
-    cfg = Config(data_dir=tmp_path / "data", max_file_size=1 << 50, sweep_interval=3600)
+    cfg = Config(min_chunk_size=1024, data_dir=tmp_path / "data", max_file_size=1 << 50, sweep_interval=3600)
     client = await aiohttp_client(ChunkdTestServer(make_app(cfg)))
     free = shutil.disk_usage(tmp_path).free
     resp = await client.post("/upload/chunked/session", json=session_body(
@@ -101,7 +101,7 @@ async def test_a_507_does_not_tell_the_free_space(aiohttp_client, tmp_path):
 
 
 async def test_a_chunk_that_outlives_its_session_is_not_a_200(aiohttp_client, tmp_path):
-    cfg = Config(data_dir=tmp_path / "data", chunk_size=CHUNK, session_ttl=1.0,
+    cfg = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=CHUNK, session_ttl=1.0,
                  sweep_interval=3600)
     client = await aiohttp_client(ChunkdTestServer(make_app(cfg)))
     sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]

@@ -41,7 +41,7 @@ async def collect(ws, into: list | None = None) -> list[dict]:
 
 
 async def chunkd_client(aiohttp_client, tmp_path: Path, **cfg) -> object:
-    config = Config(data_dir=tmp_path / "data", chunk_size=4096, whisperx_poll_interval=0.05,
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, whisperx_poll_interval=0.05,
                     handoff_retry_delay=0.05, **cfg)
     return await aiohttp_client(ChunkdTestServer(make_app(config)))
 

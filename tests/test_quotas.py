@@ -18,7 +18,7 @@ CHUNK = 4096
 
 
 async def app_client(aiohttp_client, tmp_path, **cfg):
-    config = Config(data_dir=tmp_path / "data", chunk_size=CHUNK, sweep_interval=3600, **cfg)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=CHUNK, sweep_interval=3600, **cfg)
     return await aiohttp_client(ChunkdTestServer(make_app(config)))
 
 

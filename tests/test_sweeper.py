@@ -28,7 +28,7 @@ def age(path, seconds: float) -> None:
 
 
 async def test_expired_session_is_swept_and_answers_410(aiohttp_client, tmp_path):
-    config = Config(data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=0.2)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=0.2)
     client = await aiohttp_client(make_app(config))
     data = (MEDIA / "speech.ogg").read_bytes()
     sid = (await create_session(client, "speech.ogg", data, 4096))["session_id"]
@@ -48,7 +48,7 @@ async def test_expired_session_is_swept_and_answers_410(aiohttp_client, tmp_path
 
 
 async def test_sweep_spares_live_busy_and_finalizing_sessions(aiohttp_client, tmp_path):
-    config = Config(data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
     client = await aiohttp_client(make_app(config))
     store = client.server.app[STORE]
     data = (MEDIA / "speech.ogg").read_bytes()
@@ -94,7 +94,7 @@ async def wait_writing(store, sid: str) -> None:
 
 async def test_a_chunk_in_flight_is_never_swept(aiohttp_client, tmp_path):
     """Only the in-flight rule protects this session: no grace for recent writes."""
-    config = Config(data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
     client = await aiohttp_client(ChunkdTestServer(make_app(config)))
     store = client.server.app[STORE]
     data = (MEDIA / "speech.ogg").read_bytes()

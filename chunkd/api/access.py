@@ -27,6 +27,17 @@ def subject_of(request: web.Request, *, websocket: bool = False) -> str | None:
     return auth.subject(bearer_token(request.headers, request.query if websocket else None))
 
 
+def known_subject(request: web.Request) -> str | None:
+    """The subject of the request's credential if it has a valid one, else None (no refusal
+    here: the handler refuses, with the right code)."""
+    if request.app.get(AUTH) is None:
+        return None
+    try:
+        return subject_of(request, websocket=request.path.startswith("/ws/"))
+    except E.ChunkdError:
+        return None
+
+
 @functools.lru_cache(maxsize=8)
 def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)

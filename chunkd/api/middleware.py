@@ -6,7 +6,7 @@ import asyncio
 import errno
 import logging
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -111,15 +111,44 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(E.INTERNAL_ERROR())
 
 
+#: Seconds a client turned away for being over a connection cap is asked to wait.
+BUSY_RETRY_AFTER = 2
+
+
+def _busy_reply() -> bytes:
+    """The whole HTTP answer given to a connection over the cap, before it sent anything."""
+    exc = E.SERVER_BUSY(retry_after=BUSY_RETRY_AFTER)
+    body = orjson.dumps(exc.to_json())
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {BUSY_RETRY_AFTER}\r\n"
+            f"Server: {SERVER_NAME}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests it cannot parse (a request line over 8190 bytes, a broken header)
     before any middleware runs, in text/plain and echoing the input; chunkd answers in JSON.
-    A new connection that sends no whole request head within ``header_timeout`` is closed."""
+    A new connection that sends no whole request head within ``header_timeout`` is closed; one
+    beyond ``max_connections`` open ones gets 503 ``server_busy`` at once and is closed."""
 
     header_timeout: float = 0.0
+    max_connections: int = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        manager = self._manager
+        if self.max_connections and manager is not None and (
+            len(manager.connections) > self.max_connections
+        ):
+            # Each connection holds a descriptor and up to ~2 x read_bufsize of buffered body:
+            # the cap bounds both. The answer goes out before the request is read.
+            log.info("connection from %s refused: %d open", transport.get_extra_info("peername"),
+                     len(manager.connections) - 1)
+            tcp = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+            tcp.write(_BUSY)
+            tcp.close()
+            return
         if self.header_timeout > 0:
             # aiohttp closes an idle connection at its keep-alive deadline, which it also sets
             # for a new connection: a new one gets the (shorter) header deadline instead.
@@ -159,26 +188,35 @@ class _JsonErrorRequestHandler(RequestHandler):
 class _JsonErrorServer(web.Server):
     #: Seconds a new connection has to send its first request's headers (set by the runner).
     header_timeout: float = 0.0
+    #: Most open connections (0: no cap).
+    max_connections: int = 0
 
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout = self.header_timeout
+        handler.max_connections = self.max_connections
         return handler
 
 
 class JsonErrorAppRunner(web.AppRunner):
     """An ``AppRunner`` whose unparseable-request errors are JSON too, and whose connections
     must send their first request's headers within ``header_timeout`` seconds (0: only
-    aiohttp's keep-alive timeout), so idle sockets cannot pile up until the fd limit."""
+    aiohttp's keep-alive timeout), so idle sockets cannot pile up until the fd limit, and at
+    most ``max_connections`` of which are open at once (0: no cap)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float = 0.0,
-                 **kwargs: Any) -> None:
+                 max_connections: int = 0, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
+        self.max_connections = max_connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer  # same object, only the handler class differs
         assert isinstance(server, _JsonErrorServer)
         server.header_timeout = self.header_timeout
+        server.max_connections = self.max_connections
         return server
+
+
+_BUSY = _busy_reply()

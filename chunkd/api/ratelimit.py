@@ -1,4 +1,6 @@
-"""A request rate limit per client address (token buckets), 429 with ``Retry-After`` beyond it.
+"""A request rate limit per client address and, with auth on, per subject (token buckets): 429
+with ``Retry-After`` beyond either. A subject cannot escape its limit by using many addresses,
+nor an address by presenting many tokens.
 
 Per process and in memory: a bucket refills at ``rate`` requests a second up to ``burst``. The
 table is bounded: when it grows past ``MAX_BUCKETS``, buckets that are full again (clients
@@ -15,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from chunkd import errors as E
-from chunkd.api.access import client_address
+from chunkd.api.access import client_address, known_subject
 
 MAX_BUCKETS = 100_000
 
@@ -52,7 +54,10 @@ def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/healthz":
-            wait = limiter.wait(client_address(request))
+            wait = limiter.wait(f"address:{client_address(request)}")
+            subject = known_subject(request)
+            if subject is not None:
+                wait = max(wait, limiter.wait(f"subject:{subject}"))
             if wait > 0:
                 raise E.RATE_LIMITED(retry_after=math.ceil(wait))
         return await handler(request)

@@ -23,7 +23,7 @@ from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.handoff.whisperx import user_credential
 from chunkd.keys import BODY_SLOTS, CONFIG, HUB, QUOTAS, RUNNER, STORE
 from chunkd.model.session import Phase, SessionState
-from chunkd.validate import check_new_session, max_chunk_size
+from chunkd.validate import check_new_session, max_chunk_size, min_chunk_size
 
 _CHECKSUM = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
@@ -75,6 +75,7 @@ async def create_session(request: web.Request) -> web.Response:
             "total_chunks": meta.total_chunks,
             "total_size": meta.total_size,
             "max_chunk_size": max_chunk_size(config, store.limits),
+            "min_chunk_size": min_chunk_size(config, store.limits),
             "expires_at": iso(meta.expires_at),
             "status": Phase.UPLOADING.value,
         },
@@ -144,16 +145,18 @@ async def put_chunk(request: web.Request) -> web.Response:
                                  received_bytes=declared)
     sha256 = _checksum(request)
     slots = request.app[BODY_SLOTS]
-    if not slots.take():
+    client = quota_client(request, subject_of(request))
+    if not slots.take(client):
         # Answered before the body is read; the connection is closed so it is never read.
         busy = error_response(E.SERVER_BUSY(retry_after=2))
         busy.force_close()
         return busy
     try:
-        body = RequestBody(request, request.app[CONFIG].body_timeout)
+        config = request.app[CONFIG]
+        body = RequestBody(request, config.body_timeout, config.min_body_rate)
         receipt = await uploads.receive_chunk(store, meta, index, body, sha256)
     finally:
-        slots.give()
+        slots.give(client)
     request.app[HUB].poke(meta.session_id)
     done = receipt.received == meta.total_chunks
     return json_response(

@@ -29,7 +29,8 @@ import orjson
 
 #: Error codes worth sending the same chunk again for.
 RETRY_CODES = {"checksum_mismatch", "chunk_incomplete", "client_disconnected", "shutting_down",
-               "chunk_busy", "body_timeout", "server_busy"}
+               "chunk_busy", "body_timeout", "body_too_slow",
+               "server_busy"}
 PIECE = 1024 * 1024
 
 _T = TypeVar("_T")

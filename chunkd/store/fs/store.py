@@ -40,8 +40,10 @@ log = logging.getLogger("chunkd.store")
 MIN_CHUNK_SIZE = 1024
 #: Largest chunk: one pwrite range, no limit of its own that matters (the proxy's is far lower).
 MAX_CHUNK_SIZE = 1 << 40
-#: Most chunks per session: one marker file each.
-MAX_CHUNKS = 100_000
+#: Most chunks per session: one marker file each (an inode and a block), counted at creation.
+MAX_CHUNKS = 10_000
+#: Inodes kept free beyond a new session's markers (claims, task records, other sessions' files).
+INODE_FLOOR = 256
 #: Half-created sessions (``.new-*``) older than this are debris from a crash.
 STAGING_DEBRIS_SECONDS = 3600.0
 #: Tombstones (410 instead of 404) and task-id entries are kept this long after a removal.
@@ -155,9 +157,13 @@ class FileSystemStore:
         try:
             staging.mkdir()
             (staging / self.layout.chunks(sid).name).mkdir()
-            free = shutil.disk_usage(self.layout.root).free
-            if meta.total_size + self.min_free > free:
+            disk = os.statvfs(self.layout.root)
+            # Each chunk's marker takes a block and an inode: counted with the file's bytes.
+            bookkeeping = meta.total_chunks * disk.f_bsize
+            if meta.total_size + bookkeeping + self.min_free > disk.f_bavail * disk.f_frsize:
                 raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk")
+            if disk.f_files and disk.f_favail < meta.total_chunks + INODE_FLOOR:
+                raise E.INSUFFICIENT_STORAGE(reason="the disk has no room for more files")
             data = staging / self.layout.data(sid).name
             fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -176,7 +182,7 @@ class FileSystemStore:
                 write_json_atomic(staging / self.layout.end_intent(sid, kind.value).name,
                                   self._claim_doc(kind, None, meta.created_at), durable=False)
             free_after = shutil.disk_usage(self.layout.root).free
-            if free_after < self.min_free:
+            if free_after < self.min_free + bookkeeping:
                 raise E.INSUFFICIENT_STORAGE(
                     reason="the disk is too full for a session of this size")
             self._sync_dir(staging)
