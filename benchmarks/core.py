@@ -27,6 +27,12 @@ run) and reported as the median. All bytes are the same everywhere: chunkd's ``G
 4. Server memory: VmHWM (peak RSS) after 16 parallel chunks of 95 MiB, plus VmRSS sampled every
    50 ms while they stream; the same with 16 parallel chunks of 8 MiB; and the idle RSS.
 
+With ``--auth``, every chunkd row of 2. is measured a second time, right after its auth-off run
+in the same round, against a server with auth on: ``--jwt-secret-file`` with a fresh random
+secret in the scratch folder, and a JWT (HS256, ``sub`` + ``exp``) minted here with PyJWT and
+sent as ``Authorization: Bearer`` on every request. The report then adds those rows and the
+ratio auth on ÷ auth off (of the medians, and per round); without ``--auth`` nothing changes.
+
 Everything is bounded: fixed counts, a timeout on every request, servers stopped by PID
 (SIGTERM, then SIGKILL) in ``finally`` blocks, and every data dir removed after its
 measurement. Only 127.0.0.1 is used. The script changes nothing outside its scratch folder.
@@ -41,6 +47,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -56,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 
 from chunkd.client import ChunkdClient, GeneratedSource
 
@@ -74,6 +82,11 @@ SERVER_STOP_TIMEOUT = 15.0
 RSS_SAMPLE_INTERVAL = 0.05
 RSS_PARALLEL = 16
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+JWT_SUBJECT = "chunkd-bench"     #: the ``sub`` of the token the auth-on rows send
+JWT_LIFETIME = 6 * 3600          #: seconds; longer than any measurement
+#: The environment's credential sources are not handed to the servers: auth is exactly as asked.
+AUTH_ENV = ("CHUNKD_JWT_SECRET", "CHUNKD_JWT_SECRET_FILE", "CHUNKD_JWT_AUDIENCE",
+            "CHUNKD_API_KEYS_FILE")
 
 # aiohttp warns about sending large in-memory bodies; that is exactly what we mean to do.
 warnings.filterwarnings("ignore", category=ResourceWarning)
@@ -298,10 +311,21 @@ uvloop.run(main())
 # -- the server ------------------------------------------------------------------------------------
 
 
-class Server:
-    """One ``chunkd serve`` subprocess on 127.0.0.1:0 with its own fresh data dir."""
+def mint_token(secret: str, subject: str = JWT_SUBJECT, lifetime: int = JWT_LIFETIME) -> str:
+    """A JWT as the main app would mint it for chunkd: HS256 with ``sub`` and ``exp``."""
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "iat": now, "exp": now + lifetime}, secret,
+                      algorithm="HS256")
 
-    def __init__(self, scratch: Path, *, durable: bool, sink: bool = False) -> None:
+
+class Server:
+    """One ``chunkd serve`` subprocess on 127.0.0.1:0 with its own fresh data dir; with
+    ``auth``, also its own JWT secret file (auth on) and a token for it in ``token``."""
+
+    def __init__(self, scratch: Path, *, durable: bool, sink: bool = False,
+                 auth: bool = False) -> None:
+        if auth and sink:
+            raise ValueError("the sink has no auth")
         self.scratch = scratch
         self.durable = durable
         self.sink = sink
@@ -309,10 +333,23 @@ class Server:
         self.log = scratch / f"{self.data_dir.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        if auth:
+            self.secret = secrets.token_urlsafe(48)  # 64 characters; chunkd wants >= 32 bytes
+            self.secret_file = scratch / f"{self.data_dir.name}.jwt-secret"
+            self.token = mint_token(self.secret)
 
     #: What the first line of the server's output names, and where its endpoint is below that.
     name = "chunkd"
     url_suffix = ""
+    #: With auth on: the secret's file (passed as --jwt-secret-file) and a bearer token.
+    secret: str | None = None
+    secret_file: Path | None = None
+    token: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to this server carries besides its own headers (the bearer token)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def command(self) -> tuple[list[str], Path]:
         """The server's command line and working folder (peers.py overrides this)."""
@@ -323,14 +360,22 @@ class Server:
             "--durable", "on" if self.durable else "off",
             "--shutdown-timeout", "5s",
         ]
+        if self.secret_file is not None:
+            cmd += ["--jwt-secret-file", str(self.secret_file)]
         return cmd, REPO
 
     def start(self) -> Server:
         cmd, cwd = self.command()
+        if self.secret_file is not None and self.secret is not None:
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.secret + "\n")
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C here reaches us, and we stop it by PID
+                env=env,
             )
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
@@ -365,6 +410,9 @@ class Server:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 self.log.unlink()
+            if self.secret_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.secret_file.unlink()
 
     def __enter__(self) -> Server:
         try:
@@ -402,7 +450,8 @@ def client_for(http: aiohttp.ClientSession, server: Server, *, chunk_size: int, 
     chunks in flight; no checksums (GeneratedSource has none) and no retries (a retry would be
     an error here, not something to time)."""
     return ChunkdClient(server.url, parallel=parallel, chunk_size=chunk_size, retries=1,
-                        checksum=False, timeout=REQUEST_TIMEOUT, session=http)
+                        checksum=False, timeout=REQUEST_TIMEOUT, session=http,
+                        token=server.token)
 
 
 @dataclass
@@ -445,8 +494,23 @@ async def upload(
 
 
 async def abort(http: aiohttp.ClientSession, server: Server, sid: str) -> None:
-    async with http.delete(f"{server.url}/upload/chunked/{sid}/abort") as resp:
+    async with http.delete(f"{server.url}/upload/chunked/{sid}/abort",
+                           headers=server.headers) as resp:
         await expect(resp, 200)
+
+
+async def check_auth(http: aiohttp.ClientSession, server: Server) -> None:
+    """The auth-on server really has auth on (401 without the token) and takes the token (a
+    made-up session is then 404): the auth rows measure what they say."""
+    url = f"{server.url}/upload/chunked/00000000-0000-4000-8000-000000000000/status"
+    async with http.get(url) as resp:
+        await resp.read()
+        if resp.status != 401:
+            raise RuntimeError(f"auth is not on: GET without a token -> {resp.status}")
+    async with http.get(url, headers=server.headers) as resp:
+        await resp.read()
+        if resp.status != 404:
+            raise RuntimeError(f"the minted token was not accepted: -> {resp.status}")
 
 
 class RssSampler:
@@ -527,25 +591,49 @@ async def measure_sink(res: Results, scratch: Path, data: memoryview, size: int)
             f"{size / up.status['pieces'] / KiB:.0f} KiB")
 
 
-async def measure_chunkd(res: Results, scratch: Path, data: memoryview, size: int) -> None:
+def chunkd_key(durable: bool, parallel: int, auth: bool = False) -> str:
+    """The row of one chunkd throughput measurement; auth-on rows have their own prefix."""
+    return (f"{'chunkd-jwt' if auth else 'chunkd'}:durable={'on' if durable else 'off'}:"
+            f"parallel={parallel}")
+
+
+AUTH_LABEL = "auth on (JWT)"
+
+
+async def measure_chunkd(res: Results, scratch: Path, data: memoryview, size: int,
+                         auth: bool = False) -> None:
+    """The four chunkd rows; with ``auth`` each one again, right after, with auth on."""
     for durable in (True, False):
         for parallel in (1, 4):
-            key = f"chunkd:durable={'on' if durable else 'off'}:parallel={parallel}"
-            prime(scratch, data, size)
-            with Server(scratch, durable=durable) as server:
-                async with client_session() as http:
-                    up = await upload(http, server, total_size=size, chunk_size=CHUNK,
-                                      parallel=parallel)
-                    await abort(http, server, up.session_id)
-            res.add(key, mb_per_s(size, up.seconds), "MB/s")
-            res.add(key + ":server_cpu", up.server_cpu, "CPU s")
-            res.add(key + ":client_cpu", up.client_cpu, "CPU s")
-            res.add(key + ":server_sys", up.server_sys, "CPU s")
-            res.add(key + ":server_minflt", up.server_minflt, "faults")
-            res.add(key + ":p50", statistics.median(up.latencies) * 1000, "ms")
-            say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(size, up.seconds):.0f} MB/s, "
-                f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}), "
-                f"{up.server_minflt} minor faults, client CPU {up.client_cpu:.2f} s")
+            for with_auth in (False, True) if auth else (False,):
+                await _measure_chunkd_one(res, scratch, data, size, durable, parallel, with_auth)
+
+
+async def _measure_chunkd_one(res: Results, scratch: Path, data: memoryview, size: int,
+                              durable: bool, parallel: int, auth: bool) -> None:
+    key = chunkd_key(durable, parallel, auth)
+    prime(scratch, data, size)
+    with Server(scratch, durable=durable, auth=auth) as server:
+        async with client_session() as http:
+            if auth:
+                await check_auth(http, server)
+            up = await upload(http, server, total_size=size, chunk_size=CHUNK,
+                              parallel=parallel)
+            await abort(http, server, up.session_id)
+    res.add(key, mb_per_s(size, up.seconds), "MB/s")
+    res.add(key + ":server_cpu", up.server_cpu, "CPU s")
+    res.add(key + ":client_cpu", up.client_cpu, "CPU s")
+    res.add(key + ":server_sys", up.server_sys, "CPU s")
+    res.add(key + ":server_minflt", up.server_minflt, "faults")
+    res.add(key + ":p50", statistics.median(up.latencies) * 1000, "ms")
+    say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(size, up.seconds):.0f} MB/s, "
+        f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}), "
+        f"{up.server_minflt} minor faults, client CPU {up.client_cpu:.2f} s")
+    if auth:  # the auth-off row of this round was measured just before
+        off = res.rows[chunkd_key(durable, parallel)][-1]
+        ratio = res.rows[key][-1] / off
+        res.add(key + ":vs_off", ratio, "x")
+        say(f"  {key}: auth on ÷ off this round {ratio:.3f} x")
 
 
 def seed_assemble(session_dir: Path, total_chunks: int, output_path: Path) -> None:
@@ -605,7 +693,8 @@ async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> Non
                 await asyncio.sleep(0.5)
                 t0 = time.perf_counter()
                 async with http.post(
-                    f"{server.url}/upload/chunked/{up.session_id}/finalize"
+                    f"{server.url}/upload/chunked/{up.session_id}/finalize",
+                    headers=server.headers,
                 ) as resp:
                     doc = await expect(resp, 200)
                 seconds = time.perf_counter() - t0
@@ -657,7 +746,28 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.0f}"
     if unit in ("MiB", "CPU s"):
         return f"{value:.2f}" if unit == "CPU s" else f"{value:.1f}"
+    if unit == "x":
+        return f"{value:.3f}"
     return f"{value:.0f}"
+
+
+def auth_rows(res: Results) -> list[tuple[str, str]]:
+    """(auth-off key, auth-on key) of every chunkd row measured both ways, in table order."""
+    return [(chunkd_key(d, p), chunkd_key(d, p, auth=True))
+            for d in (True, False) for p in (1, 4) if chunkd_key(d, p, auth=True) in res.rows]
+
+
+def auth_summary(res: Results) -> list[str]:
+    """One line per row measured with auth on: auth on ÷ auth off, of the medians and per round
+    (each auth-on run right after its auth-off run)."""
+    out = []
+    for off, on in auth_rows(res):
+        _, durable, parallel = off.split(":")
+        per_run = ", ".join(fmt(v, "x") for v in res.rows[on + ":vs_off"])
+        out.append(f"{durable.replace('=', ' ')}, {parallel.split('=')[1]} in flight: "
+                   f"{res.median(on) / res.median(off):.3f} x ({res.median(on):.0f} ÷ "
+                   f"{res.median(off):.0f} MB/s; per round [{per_run}])")
+    return out
 
 
 def report(res: Results, facts: dict[str, str], command: str, size: int, runs: int) -> str:
@@ -695,16 +805,22 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
                  if durable == "on" else [("raw:write", "plain write")])
         for parallel in (1, 4):
             key = f"chunkd:durable={durable}:parallel={parallel}"
-            vs = "; ".join(f"{res.median(key) / res.median(b):.2f} x {label} "
-                           f"({res.median(b):.0f} MB/s)" for b, label in bases)
-            runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[key])
-            cpu = res.median(key + ":server_cpu")
-            p50 = f"{res.median(key + ':p50'):.0f} ms" if key + ":p50" in res.rows else ""
-            out.append(
-                f"| {durable} | {parallel} | {res.median(key):.0f} MB/s | [{runs_text}] | {vs} | "
-                f"{p50} | {cpu:.2f} ({res.median(key + ':server_sys'):.2f}) / "
-                f"{res.median(key + ':client_cpu'):.2f} | {res.median(key + ':server_minflt'):.0f} |"
-            )
+            jwt_key = chunkd_key(durable == "on", parallel, auth=True)
+            # the auth-on row (only when measured) right below its auth-off row
+            for k, label, extra in [(key, durable, [])] + (
+                    [(jwt_key, f"{durable}, {AUTH_LABEL}", [(key, "auth off")])]
+                    if jwt_key in res.rows else []):
+                vs = "; ".join(f"{res.median(k) / res.median(b):.2f} x {b_label} "
+                               f"({res.median(b):.0f} MB/s)" for b, b_label in extra + bases)
+                runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[k])
+                cpu = res.median(k + ":server_cpu")
+                p50 = f"{res.median(k + ':p50'):.0f} ms" if k + ":p50" in res.rows else ""
+                out.append(
+                    f"| {label} | {parallel} | {res.median(k):.0f} MB/s | [{runs_text}] | {vs} | "
+                    f"{p50} | {cpu:.2f} ({res.median(k + ':server_sys'):.2f}) / "
+                    f"{res.median(k + ':client_cpu'):.2f} | "
+                    f"{res.median(k + ':server_minflt'):.0f} |"
+                )
     for parallel in (1, 4):
         key = f"sink:parallel={parallel}"
         runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[key])
@@ -716,6 +832,14 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
             f"{res.median(key + ':client_cpu'):.2f} | {res.median(key + ':server_minflt'):.0f} |"
         )
     out.append("")
+    if auth_rows(res):
+        out.append(f"Rows marked *{AUTH_LABEL}*: the same upload, measured right after the "
+                   "auth-off row in each round, against a server started with "
+                   "`--jwt-secret-file` (a fresh random secret); every request carries "
+                   "`Authorization: Bearer` with an HS256 JWT (`sub`, `exp`) minted by PyJWT, "
+                   "checked by the server each time. Auth on ÷ auth off:\n")
+        out.extend(f"- {line}" for line in auth_summary(res))
+        out.append("")
 
     out.append("### 3. Finalize: chunkd vs the seed's design on the same bytes\n")
     out.append("chunkd: the `POST /finalize` round trip after an upload with --durable on (its "
@@ -783,6 +907,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "raw writes and data dirs both go there, so they share one disk")
     p.add_argument("--only", default="raw,chunkd,finalize,rss",
                    help="comma-separated subset of raw,chunkd,finalize,rss")
+    p.add_argument("--auth", action="store_true",
+                   help="measure every chunkd throughput row a second time with auth on (a "
+                        "temporary --jwt-secret-file, a JWT from PyJWT): adds those rows and "
+                        "auth on ÷ off to the report")
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 20:
         p.error("--runs must be between 1 and 20")
@@ -823,7 +951,7 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
         if "raw" in only or "chunkd" in only:
             measure_raw(res, scratch, data, size)
         if "chunkd" in only:
-            await measure_chunkd(res, scratch, data, size)
+            await measure_chunkd(res, scratch, data, size, auth=args.auth)
             await measure_sink(res, scratch, data, size)
         if "finalize" in only:
             await measure_finalize(res, scratch, finalize_sizes)
@@ -851,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
         if set(args.only.split(",")) >= {"raw", "chunkd", "finalize", "rss"} else \
         json.dumps(res.rows, indent=1)
     print(text)
+    if auth_rows(res):
+        say("auth on (JWT) ÷ auth off:\n" + "\n".join(f"  {line}" for line in auth_summary(res)))
     if args.json:
         args.json.write_text(json.dumps(
             {"command": command, "machine": facts, "runs": args.runs,

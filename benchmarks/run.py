@@ -5,6 +5,9 @@
                                                   #   docs/BENCHMARKS.md and docs/benchmarks.png
     .venv/bin/python benchmarks/run.py --quick    # smoke test: small sizes, 1 run; writes to
                                                   #   benchmarks/.peers/quick/ unless --out-dir
+    .venv/bin/python benchmarks/run.py --auth     # also chunkd's throughput rows with auth on
+                                                  #   (JWT), and auth on ÷ auth off; the same
+                                                  #   as CHUNKD_BENCH_AUTH=1 make bench
 
 On first use it installs its peers (tuspyserver + uvicorn + FastAPI + matplotlib in
 benchmarks/.peers/py, @tus/server + @tus/file-store in benchmarks/.peers/node); later runs reuse
@@ -106,7 +109,16 @@ def headline(pdoc: dict, cdoc: dict) -> list[str]:
                            f"({'≥' if ratio >= 1.5 else '<'} 1.5)")
     out.append("chunkd --durable off (no fsync, like both peers) ÷ peer: " + "; ".join(verdict)
                + ".\n")
+    res = core_results(cdoc)
+    if core.auth_rows(res):
+        out.append(f"chunkd {core.AUTH_LABEL} ÷ auth off (core.py, {core.human(cdoc['size_bytes'])}, "
+                   "same rounds): " + "; ".join(core.auth_summary(res)) + ".\n")
     return out
+
+
+def core_results(cdoc: dict) -> core.Results:
+    return core.Results(rows={k: v["runs"] for k, v in cdoc["results"].items()},
+                        units={k: v["unit"] for k, v in cdoc["results"].items()})
 
 
 WHERE_THE_TIME_GOES = HERE / "where-the-time-goes.md"  #: hand-written from profile.py's output
@@ -220,8 +232,7 @@ def write_markdown(path: Path, pdoc: dict, cdoc: dict, command: str, png: str | 
     out.extend(headline(pdoc, cdoc))
     out.append(peers.report(pdoc).replace("## chunkd vs tus servers", "## chunkd vs tus servers "
                                           "(details)", 1))
-    res = core.Results(rows={k: v["runs"] for k, v in cdoc["results"].items()},
-                       units={k: v["unit"] for k, v in cdoc["results"].items()})
+    res = core_results(cdoc)
     out.append(core.report(res, cdoc["machine"], cdoc["command"], cdoc["size_bytes"],
                            cdoc["runs"]).replace("## chunkd core benchmark",
                                                  "## chunkd vs the raw disk (core.py)", 1))
@@ -236,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="where BENCHMARKS.md and benchmarks.png go (default docs/, or "
                         "benchmarks/.peers/quick/ with --quick)")
     p.add_argument("--no-install", action="store_true", help="do not install the peers")
+    p.add_argument("--auth", action="store_true",
+                   default=os.environ.get("CHUNKD_BENCH_AUTH", "") not in ("", "0"),
+                   help="also measure chunkd's throughput rows with auth on (a temporary "
+                        "--jwt-secret-file, a PyJWT token) and report auth on ÷ auth off "
+                        "(default: on if $CHUNKD_BENCH_AUTH is set, e.g. "
+                        "CHUNKD_BENCH_AUTH=1 make bench)")
     args = p.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     out_dir = args.out_dir or (peers.PEERS / "quick" if args.quick else REPO / "docs")
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else
         sys.executable, os.path.relpath(HERE / "run.py", REPO),
         *(sys.argv[1:] if argv is None else argv)])
+    if args.auth and "--auth" not in command.split():  # from $CHUNKD_BENCH_AUTH: say so
+        command += " --auth"
 
     if not args.no_install:
         peers.ensure_peers()
@@ -253,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--json", str(core_json)]
         peers_cmd = [sys.executable, str(HERE / "peers.py"), "--runs", str(runs), "--no-install",
                      "--json", str(peers_json)]
+        if args.auth:
+            core_cmd += ["--auth"]
         if args.quick:
             core_cmd += ["--size-gib", "0.25", "--finalize-mib", "100,200",
                          "--rss-chunk-mib", "8,20"]

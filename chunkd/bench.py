@@ -4,6 +4,8 @@ Data is generated (one random MiB repeated behind a WAV header), not read from d
 client is not the bottleneck. Everything is bounded: ``--sessions`` uploads of ``--size`` each,
 stopped after ``--duration`` seconds whatever happens. Sessions are aborted afterwards (their
 bytes removed) unless ``--finalize`` asks to finalize them (the folder hand-off then keeps them).
+A server with auth on needs ``--token`` (or ``$CHUNKD_TOKEN``), sent as ``Authorization: Bearer``
+with every request; a 401 or 403 stops the bench at once (and says so in one line).
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ def wav_header(size: int) -> bytes:
     return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt "
             + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
             + b"data" + struct.pack("<I", data))
+
+
+class BenchAuthError(Exception):
+    """The server refused the bench's credentials (401) or access (403): no point going on."""
+
+    def __init__(self, error: ChunkdClientError, left: int = 0) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.left = left  #: sessions it created but could not abort (the token is refused)
+
+
+#: Answers that cannot get better by trying more uploads: wrong, missing or expired token.
+AUTH_STATUSES = (401, 403)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,9 +112,12 @@ async def run_bench(
     finalize: bool = False,
     server_pid: int | None = None,
     show_progress: bool = True,
+    token: str | None = None,
 ) -> dict[str, Any]:
+    """Run the load; raises :class:`BenchAuthError` (after aborting what it created) on the
+    first 401/403."""
     client = ChunkdClient(url, parallel=parallel, chunk_size=chunk_size, checksum=False,
-                          retries=3)
+                          retries=3, token=token)
     sources = [GeneratedSource(size, name=f"bench-{i}.wav", header=wav_header(size), seed=i)
                for i in range(sessions)]
     bar = tqdm(total=size * sessions, unit="B", unit_scale=True, unit_divisor=1024,
@@ -112,6 +130,8 @@ async def run_bench(
     finalized: set[str] = set()
     completed = 0
     failures: list[str] = []
+    refused: list[ChunkdClientError] = []
+    stop = asyncio.Event()  # set on the first 401/403: every other upload would get it too
 
     async def one(i: int) -> None:
         nonlocal completed
@@ -131,22 +151,30 @@ async def run_bench(
                 finalized.add(result.session_id)
             completed += 1
         except ChunkdClientError as exc:
+            if exc.status in AUTH_STATUSES:
+                refused.append(exc)
+                stop.set()
             failures.append(f"{exc.status} {exc.code}: {exc.message}")
 
     start = time.monotonic()
     tasks = [asyncio.create_task(one(i)) for i in range(sessions)]
+    # Until every upload is done, --duration is up, or the first 401/403.
+    watchers = [asyncio.create_task(asyncio.wait(tasks)), asyncio.create_task(stop.wait())]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=duration)
-    finally:  # --duration, Ctrl-C or an error: stop every upload and leave nothing behind
-        for t in tasks:
+        await asyncio.wait(watchers, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+        pending = [t for t in tasks if not t.done()]
+    finally:  # --duration, Ctrl-C, a 401/403 or an error: stop every upload, leave nothing behind
+        for t in [*watchers, *tasks]:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*watchers, *tasks, return_exceptions=True)
         bar.close()
         elapsed = time.monotonic() - start
         rss = peak_rss_mib(server_pid) if server_pid else None
         await client.close()
-        await _abort_all(url, session_ids if not finalize else
-                         [sid for sid in session_ids if sid not in finalized])
+        left = await _abort_all(url, session_ids if not finalize else
+                                [sid for sid in session_ids if sid not in finalized], token=token)
+    if refused:
+        raise BenchAuthError(refused[0], left)
     total = sum(sent)
     return {
         "url": url,
@@ -175,18 +203,21 @@ async def run_bench(
     }
 
 
-async def _abort_all(url: str, session_ids: list[str]) -> None:
-    """Abort sessions concurrently, each with a short timeout (their reserved space is freed)."""
+async def _abort_all(url: str, session_ids: list[str], *, token: str | None = None) -> int:
+    """Abort sessions concurrently, each with a short timeout (their reserved space is freed);
+    return how many the server refused to abort for the token (401/403)."""
     if not session_ids:
-        return
-    async with ChunkdClient(url, timeout=10) as cleaner:
-        async def abort(sid: str) -> None:
+        return 0
+    async with ChunkdClient(url, timeout=10, token=token) as cleaner:
+        async def abort(sid: str) -> bool:
             try:
                 await cleaner.abort(sid)
-            except ChunkdClientError:
-                pass  # gone already, or the server is not answering: the sweeper will do it
+            except ChunkdClientError as exc:
+                # gone already, or the server is not answering: the sweeper will do it
+                return exc.status in AUTH_STATUSES
+            return False
 
-        await asyncio.gather(*(abort(sid) for sid in session_ids))
+        return sum(await asyncio.gather(*(abort(sid) for sid in session_ids)))
 
 
 def table(r: dict[str, Any]) -> str:
@@ -211,6 +242,18 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def auth_message(exc: ChunkdClientError, url: str, have_token: bool) -> str:
+    """One line for a 401/403: what the server said, and what to do about it."""
+    said = f"{url} answered {exc.status} {exc.code}: {exc.message}"
+    if exc.status == 403:
+        return f"{said}; the token's subject may not do this"
+    if not have_token:
+        return f"{said}; the server has auth on: pass --token TOKEN or set CHUNKD_TOKEN"
+    if exc.code == "token_expired":
+        return said  # the server's message says what to do
+    return f"{said}; check --token / CHUNKD_TOKEN"
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="load-test a chunkd server with concurrent uploads",
                        description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -223,6 +266,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--finalize", action="store_true",
                    help="finalize each upload (measures finalize; the server keeps the files)")
     p.add_argument("--server-pid", type=int, help="pid for peak RSS (found by itself if local)")
+    p.add_argument("--token", default=os.environ.get("CHUNKD_TOKEN"),
+                   help="chunkd's bearer token, for a server with auth on (default: $CHUNKD_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -245,10 +290,16 @@ def run(args: argparse.Namespace) -> int:
         result = asyncio.run(run_bench(
             args.url, sessions=args.sessions, parallel=args.parallel, size=size,
             chunk_size=chunk, duration=duration, finalize=args.finalize, server_pid=pid,
-            show_progress=not args.json and sys.stderr.isatty(),
+            show_progress=not args.json and sys.stderr.isatty(), token=args.token or None,
         ))
     except KeyboardInterrupt:
         print("\nchunkd bench: interrupted; its sessions were aborted", file=sys.stderr)
         return 130
+    except BenchAuthError as exc:
+        left = (f" ({exc.left} session{'s' if exc.left > 1 else ''} left to expire on the "
+                "server)" if exc.left else "")
+        print(f"chunkd bench: error: {auth_message(exc.error, args.url, bool(args.token))}"
+              f"{left}", file=sys.stderr)
+        return 1
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json else table(result))
     return 0 if result["completed_sessions"] == args.sessions else 1
