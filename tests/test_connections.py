@@ -8,6 +8,7 @@ import contextlib
 import resource
 import shutil
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from conftest import (
     create_session,
     put_chunk,
     raw_partial,
+    session_body,
     status_line,
 )
 
@@ -125,3 +127,79 @@ async def test_chunk_bodies_beyond_the_cap_are_503_before_their_body(aiohttp_cli
     assert (await put_chunk(client, sid, 2, parts[2])).status == 200  # a slot is free again
     for _, w in stalled:
         w.close()
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+STALLED = 600
+MiB = 1024 * 1024
+
+
+async def test_stalled_bodies_stay_under_the_memory_cap(server_factory, many_fds):
+    """600 connections each send just under 512 KiB of a 1 MiB chunk and stop (finding 6): what
+    the server buffers for them is bounded by its slots and connection cap, not their number."""
+    srv = server_factory("--max-connections", "256", "--max-concurrent-chunks", "64",
+                         "--body-timeout", "30")
+    assert srv.proc is not None
+    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+    wav = (MEDIA / "speech.wav").read_bytes()
+    size = STALLED * MiB
+    data_head = wav[:44]  # a WAV header, then zeros: the bytes do not matter here
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{srv.url}/upload/chunked/session",
+                             json=session_body("a.wav", size, MiB)) as resp:
+            assert resp.status == 201, await resp.text()
+            sid = (await resp.json())["session_id"]
+        async with http.get(f"{srv.url}/healthz") as resp:
+            assert resp.status == 200
+    await asyncio.sleep(0.5)
+    before = _rss_kib(srv.proc.pid, "VmRSS")
+    body = data_head + bytes(MiB - len(data_head))
+    sent = 512 * 1024 - 1
+    streams = []
+
+    async def stall(i: int) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+            writer.write(
+                f"POST /upload/chunked/{sid}/chunk?index={i} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {MiB}\r\n\r\n".encode()
+                + body[:sent])
+            streams.append((reader, writer))
+
+    await asyncio.gather(*(stall(i) for i in range(STALLED)))
+    await asyncio.sleep(3)  # every request has been read and answered or is stalled in its body
+    peak = _rss_kib(srv.proc.pid, "VmHWM")
+    turned_away = 0  # answered 503, or closed (over the cap: the 503 may be lost to the RST)
+    for reader, _ in streams:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 0.05)
+            turned_away += b" 503 " in line or line == b""
+        except TimeoutError:
+            pass  # a slot holder: still waiting for the rest of its body
+        except OSError:
+            turned_away += 1
+    for _, writer in streams:
+        writer.close()
+    grown = (peak - before) / 1024
+    print(f"{len(streams)} stalled bodies: peak RSS {peak / 1024:.1f} MiB, "
+          f"{grown:.1f} MiB over the idle server's {before / 1024:.1f}; {turned_away} turned away")
+    assert len(streams) == STALLED
+    # beyond the connection cap or the client's 16 body slots: turned away before their body
+    assert turned_away >= STALLED - 16, turned_away
+    # The bound: 256 connections x one 256 KiB socket read before their handler runs, plus
+    # 16 slots x (512 KiB read buffer + 1 MiB of write buffers) = 88 MiB. Without the cap and
+    # the small pre-slot read buffer: up to 600 x 512 KiB = 300 MiB.
+    assert grown < 88, grown
+    async with aiohttp.ClientSession() as http:  # and once they are gone, the server serves
+        for _ in range(30):
+            async with http.get(f"{srv.url}/healthz") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200
