@@ -19,7 +19,15 @@ from chunkd.app import make_app
 from chunkd.config import Config, KiB, MiB
 from chunkd.core.sweeper import sweep
 from chunkd.keys import STORE
-from conftest import MEDIA, ChunkdTestServer, chunks_of, create_session, put_chunk, upload_all
+from conftest import (
+    MEDIA,
+    ChunkdTestServer,
+    chunks_of,
+    create_session,
+    put_chunk,
+    session_body,
+    upload_all,
+)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mkfs.ext4") is None or shutil.which("mount") is None,
@@ -30,12 +38,13 @@ DATA = (MEDIA / "speech.wav").read_bytes()
 
 
 @contextlib.contextmanager
-def small_ext4(tmp_path: Path, size_mib: int = 24) -> Iterator[Path]:
+def small_ext4(tmp_path: Path, size_mib: int = 24, inodes: int | None = None) -> Iterator[Path]:
     image, mnt = tmp_path / "disk.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(size_mib * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", *(["-N", str(inodes)] if inodes else []),
+                    str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
         yield mnt
@@ -124,3 +133,36 @@ async def test_a_full_disk_is_clear_errors_and_can_be_freed(aiohttp_client, tmp_
         assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(DATA).hexdigest()
         assert temp_files(mnt / "data") == []
         await client.close()
+
+
+async def test_chunk_markers_cannot_exhaust_the_disks_inodes(aiohttp_client, tmp_path):
+    """Finding 3: with 1 KiB chunks one session's markers used every inode of the volume and
+    every other client's session creation failed. Now a marker's inode and block are counted
+    when the session is created, and the smallest chunk is 1 MiB by default."""
+    with small_ext4(tmp_path, size_mib=32, inodes=1024) as mnt:
+        free_inodes = os.statvfs(mnt).f_favail
+        assert free_inodes < 1100
+        default = Config(data_dir=mnt / "d1", sweep_interval=3600, min_free_space=1 * MiB)
+        client = await aiohttp_client(ChunkdTestServer(make_app(default)))
+        small = await client.post("/upload/chunked/session",
+                                  json=session_body("a.wav", 4 * MiB, KiB))
+        assert small.status == 422  # 1 KiB chunks: refused by default
+
+        # The old minimum (1 KiB) allowed again: the inodes are checked before anything is kept.
+        old = Config(min_chunk_size=KiB, data_dir=mnt / "d2", chunk_size=KiB,
+                     sweep_interval=3600, min_free_space=1 * MiB)
+        client = await aiohttp_client(ChunkdTestServer(make_app(old)))
+        greedy = await client.post("/upload/chunked/session",
+                                   json=session_body("a.wav", 4 * MiB, KiB))
+        assert greedy.status == 507, await greedy.text()
+        assert (await greedy.json())["error"]["code"] == "insufficient_storage"
+        # one that fits takes its inodes, uploads whole, and others can still create sessions
+        data = DATA  # ~200 chunks of 1 KiB
+        sid = (await create_session(client, "b.wav", data, KiB))["session_id"]
+        for i, part in enumerate(chunks_of(data, KiB)):
+            assert (await put_chunk(client, sid, i, part)).status == 200
+        status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+        assert status["received_chunks"] == status["total_chunks"] == len(chunks_of(data, KiB))
+        other = await client.post("/upload/chunked/session",
+                                  json=session_body("c.wav", 100 * KiB, 100 * KiB))
+        assert other.status == 201

@@ -72,14 +72,27 @@ async def test_behind_a_trusted_proxy_each_client_counts_alone(aiohttp_client, t
     assert (await create(client, **xff)).status == 429
 
 
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 async def test_an_idle_session_expires_early(aiohttp_client, tmp_path):
     client = await app_client(aiohttp_client, tmp_path, idle_session_ttl=600)
     store = client.server.app[STORE]
-    idle = (await (await create(client)).json())["session_id"]
+    created = await (await create(client)).json()
+    idle = created["session_id"]
+    # the reply says when it expires: the idle deadline, not the 24 h lifetime
+    assert abs(_epoch(created["expires_at"]) - (time.time() + 600)) < 5
     active = (await (await create(client)).json())["session_id"]
     data = tmp_path / "data" / "sessions" / idle / "data"
     old = time.time() - 1000
     os.utime(data, (old, old))  # no chunk for over 16 minutes
+    status = await (await client.get(f"/upload/chunked/{idle}/status")).json()
+    assert abs(_epoch(status["expires_at"]) - (old + 600)) < 5  # already past: it goes next sweep
+    status = await (await client.get(f"/upload/chunked/{active}/status")).json()
+    assert abs(_epoch(status["expires_at"]) - (time.time() + 600)) < 5
     removed = await sweep(store, time.time(), idle_ttl=600)
     assert removed == [idle]
     assert (await client.get(f"/upload/chunked/{idle}/status")).status == 410

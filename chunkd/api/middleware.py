@@ -75,7 +75,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ChunkdError as exc:
         if exc.status >= 500 and exc.status != 507:
             log.error("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(exc)
+        resp = error_response(exc)
+        if exc.status == 408:  # a body too slow or silent: the rest of it is not waited for
+            resp.force_close()
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

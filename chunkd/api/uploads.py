@@ -76,7 +76,7 @@ async def create_session(request: web.Request) -> web.Response:
             "total_size": meta.total_size,
             "max_chunk_size": max_chunk_size(config, store.limits),
             "min_chunk_size": min_chunk_size(config, store.limits),
-            "expires_at": iso(meta.expires_at),
+            "expires_at": iso(min(meta.expires_at, meta.created_at + config.idle_session_ttl)),
             "status": Phase.UPLOADING.value,
         },
         status=201,
@@ -171,7 +171,7 @@ async def put_chunk(request: web.Request) -> web.Response:
     )
 
 
-def status_document(state: SessionState) -> dict[str, Any]:
+def status_document(state: SessionState, idle_ttl: float | None = None) -> dict[str, Any]:
     meta = state.meta
     doc: dict[str, Any] = {
         "session_id": meta.session_id,
@@ -184,7 +184,7 @@ def status_document(state: SessionState) -> dict[str, Any]:
         "total_bytes": meta.total_size,
         "chunk_size": meta.chunk_size,
         "created_at": iso(meta.created_at),
-        "expires_at": iso(meta.expires_at),
+        "expires_at": iso(state.expires_at(idle_ttl)),
     }
     if state.task_id:
         doc["task_id"] = state.task_id
@@ -200,7 +200,7 @@ async def get_status(request: web.Request) -> web.Response:
     subject = subject_of(request)
     state = await request.app[STORE].state(request.match_info["session_id"])
     check_owner(state.meta, subject)
-    return json_response(status_document(state))
+    return json_response(status_document(state, request.app[CONFIG].idle_session_ttl))
 
 
 @routes.post("/upload/chunked/{session_id}/finalize", expect_handler=expect_handler)

@@ -25,9 +25,7 @@ def sweep_reason(state: SessionState, now: float, busy_grace: float = BUSY_GRACE
     claim = state.claim
     if claim is not None and claim.kind is not EndKind.FINALIZE:
         return claim.kind  # an abort or expiry whose removal a crash interrupted
-    idle = (idle_ttl is not None and claim is None and not state.writing
-            and now - (state.last_write or state.meta.created_at) > idle_ttl)
-    if now <= state.meta.expires_at and not idle:
+    if now <= state.expires_at(idle_ttl):
         return None
     if state.writing:
         return None  # a chunk is being written in this process

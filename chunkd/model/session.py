@@ -121,6 +121,13 @@ class SessionState:
     def missing(self) -> list[int]:
         return [i for i in range(self.meta.total_chunks) if i not in self.received]
 
+    def expires_at(self, idle_ttl: float | None = None) -> float:
+        """When the session expires: at the end of its lifetime, or, while it is open, earlier:
+        ``idle_ttl`` after its last chunk (or its creation)."""
+        if idle_ttl is None or self.claim is not None:
+            return self.meta.expires_at
+        return min(self.meta.expires_at, (self.last_write or self.meta.created_at) + idle_ttl)
+
     @property
     def received_bytes(self) -> int:
         return sum(self.meta.chunk_length(i) for i in self.received)
