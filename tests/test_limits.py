@@ -150,3 +150,69 @@ def test_chunk_size_settings_are_checked(tmp_path):
                      "data_dir": str(tmp_path)}, env={})
     assert (c.min_chunk_size, c.max_chunks_per_client, c.min_body_rate, c.max_connections) == (
         64 * 1024, 3, 1024, 100)
+
+
+async def test_a_websocket_peer_that_never_reads_is_cut_off(aiohttp_client, tmp_path,
+                                                            monkeypatch):
+    import base64
+    import os
+    import socket
+
+    import chunkd.api.ws
+
+    monkeypatch.setattr(chunkd.api.ws, "SEND_TIMEOUT", 1.0)
+    client = await make_client(aiohttp_client, tmp_path, heartbeat_interval=1.0)
+    data = WAV[:1024] * 600  # 600 chunks of 1 KiB: one progress message each
+    sid = (await create_session(client, "a.wav", data, 1024))["session_id"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # a peer that takes nothing
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (client.host, client.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(sock, (
+        f"GET /ws/tasks/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    reader = await client.ws_connect(f"/ws/tasks/{sid}")  # a peer that reads (and pongs)
+    followed: list[dict] = []
+
+    async def read() -> None:
+        async for msg in reader:
+            followed.append(msg.json())
+
+    reading = asyncio.create_task(read())
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    for i, part in enumerate(chunks_of(data, 1024)):
+        resp = await client.post(f"/upload/chunked/{sid}/chunk?index={i}", data=part,
+                                 headers={"Content-Type": "application/octet-stream"})
+        assert resp.status == 200  # a stuck WebSocket never holds up the uploads
+    uploads = time.monotonic() - started
+    await asyncio.sleep(2.5)  # past the send timeout
+    # Now read: what was buffered comes out, then the end (reset or EOF), not an open socket.
+    ended = False
+    total = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            got = await asyncio.wait_for(loop.sock_recv(sock, 65536), 1)
+        except TimeoutError:
+            break  # the socket is still open and silent: not cut off
+        except ConnectionResetError:
+            ended = True
+            break
+        if not got:
+            ended = True
+            break
+        total += len(got)
+    print(f"read {total} bytes after the uploads ({uploads:.1f} s)")
+    sock.close()
+    assert ended, "the server kept a WebSocket whose peer never read"
+    assert uploads < 30
+    # the reading peer is still followed, heartbeats and all
+    assert not reader.closed and not reading.done()
+    assert followed[0]["type"] == "upload_progress"
+    assert any(m["type"] == "heartbeat" for m in followed)
+    await reader.close()
+    await reading

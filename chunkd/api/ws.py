@@ -48,7 +48,10 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
     subject = subject_of(request, websocket=True)  # refused before the handshake: 401 / 403
     if meta is not None:
         check_owner(meta, subject)
-    ws = web.WebSocketResponse(max_msg_size=64 * 1024)
+    # A ping every heartbeat; a peer that does not answer with a pong within half of it (one
+    # that never reads: browsers and WebSocket libraries answer by themselves) is closed.
+    ws = web.WebSocketResponse(max_msg_size=64 * 1024,
+                               heartbeat=request.app[CONFIG].heartbeat_interval)
     await ws.prepare(request)
     hub = request.app[HUB]
     try:
