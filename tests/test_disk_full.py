@@ -166,3 +166,29 @@ async def test_chunk_markers_cannot_exhaust_the_disks_inodes(aiohttp_client, tmp
         other = await client.post("/upload/chunked/session",
                                   json=session_body("c.wav", 100 * KiB, 100 * KiB))
         assert other.status == 201
+
+
+async def test_a_reserved_session_can_finish_on_a_full_disk(aiohttp_client, tmp_path):
+    """Markers that hold a checksum need a block each: those blocks are reserved with the
+    session, so on a disk someone else filled it still finishes (no 507, no temp file)."""
+    with small_ext4(tmp_path) as mnt:
+        config = Config(min_chunk_size=KiB, data_dir=mnt / "data", chunk_size=KiB,
+                        min_free_space=1 * MiB, sweep_interval=3600)
+        client = await aiohttp_client(ChunkdTestServer(make_app(config)))
+        data = DATA[: 40 * KiB]
+        parts = chunks_of(data, KiB)
+        sid = (await create_session(client, "a.wav", data, KiB))["session_id"]
+        filler = fill(mnt, "filler")
+        assert os.statvfs(mnt).f_bavail == 0
+        for i, part in enumerate(parts):
+            resp = await put_chunk(client, sid, i, part,
+                                   **{"X-Chunk-Checksum": "sha256=" + hashlib.sha256(part).hexdigest()})
+            assert resp.status == 200, (i, await resp.text())
+        assert temp_files(mnt / "data") == []
+        status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+        assert status["received_chunks"] == len(parts)
+        shutil.rmtree(filler)
+        done = await client.post(f"/upload/chunked/{sid}/finalize")
+        assert done.status == 200, await done.text()
+        location = mnt / "data" / (await done.json())["location"]
+        assert hashlib.sha256(location.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()

@@ -7,6 +7,8 @@
           data              the file itself, reserved up front; chunk i lives at i * chunk_size
           chunks/<i>        one marker per counted chunk (holds the chunk's sha256 when known);
                             created by rename after the chunk's bytes were written and flushed
+          reserve           blocks reserved at creation for the markers (one per chunk): on a
+                            full disk a marker's write shrinks it and tries again
           end.claim         the session's one-time end: finalize, abort or expire; created with
                             link(2), which fails if it exists, so exactly one caller wins
           end.abort,        the abort and expire claims, written at creation: ending a session
@@ -78,6 +80,9 @@ class Layout:
 
     def marker(self, sid: str, index: int) -> Path:
         return self.chunks(sid) / str(index)
+
+    def reserve(self, sid: str) -> Path:
+        return self.session(sid) / "reserve"
 
     def claim(self, sid: str) -> Path:
         return self.session(sid) / "end.claim"

@@ -42,6 +42,8 @@ MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 1 << 40
 #: Most chunks per session: one marker file each (an inode and a block), counted at creation.
 MAX_CHUNKS = 10_000
+#: How much of a session's marker reserve a full disk releases at a time (16 blocks).
+RESERVE_STEP = 64 * 1024
 #: Inodes kept free beyond a new session's markers (claims, task records, other sessions' files).
 INODE_FLOOR = 256
 #: Half-created sessions (``.new-*``) older than this are debris from a crash.
@@ -177,6 +179,7 @@ class FileSystemStore:
                 raise
             finally:
                 os.close(fd)
+            self._reserve_blocks(staging / self.layout.reserve(sid).name, bookkeeping)
             write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
             for kind in (EndKind.ABORT, EndKind.EXPIRE):  # so that ending it needs no space
                 write_json_atomic(staging / self.layout.end_intent(sid, kind.value).name,
@@ -404,20 +407,50 @@ class FileSystemStore:
             raise E.SESSION_FINALIZED(task_id=claim.task_id)
         raise _gone(claim.kind)
 
+    @staticmethod
+    def _reserve_blocks(path: Path, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if disk_full(exc):
+                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk") from None
+            raise
+        finally:
+            os.close(fd)
+
+    def _release_reserve(self, sid: str) -> bool:
+        """Give back some of the session's reserved marker blocks; False if none are left."""
+        path = self.layout.reserve(sid)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False  # a session made before the reserve existed
+        if size == 0:
+            return False
+        os.truncate(path, max(0, size - RESERVE_STEP))
+        return True
+
     def _count_chunk_sync(self, sid: str, index: int, digest: str | None) -> frozenset[int]:
         """Create the chunk's marker by rename (atomic) and make that rename durable."""
         self._check_open_for_chunks(sid)
         marker = self.layout.marker(sid, index)
         tmp = marker.with_name(f".{index}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "x") as f:
-                f.write(digest or "")
-        except FileNotFoundError:
-            raise self._missing(sid) from None  # removed while the body was streaming
-        except OSError as exc:
-            if disk_full(exc):
-                raise E.INSUFFICIENT_STORAGE(reason="the disk is full") from None
-            raise
+        while True:
+            try:
+                with open(tmp, "x") as f:
+                    f.write(digest or "")
+                break
+            except FileNotFoundError:
+                raise self._missing(sid) from None  # removed while the body was streaming
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if not disk_full(exc):
+                    raise
+                if not self._release_reserve(sid):  # the disk is full: use the reserved room
+                    raise E.INSUFFICIENT_STORAGE(reason="the disk is full") from None
         os.replace(tmp, marker)
         self._sync_dir(marker.parent)
         return self._received(sid)
