@@ -10,7 +10,7 @@ from aiohttp.typedefs import Middleware
 
 from chunkd.api.body import BodySlots
 from chunkd.api.cors import cors_middleware
-from chunkd.api.middleware import errors_middleware, server_header
+from chunkd.api.middleware import errors_middleware, quiet_client_faults, server_header
 from chunkd.api.ratelimit import RateLimiter, rate_limit_middleware
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
@@ -74,6 +74,7 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     """Build the app for ``config``, on ``store`` (default: the file-system store in
     ``config.data_dir``, whose layout is created if it is not there)."""
     drain = Drain()
+    quiet_client_faults()
     middlewares: list[Middleware] = [errors_middleware, drain.middleware]
     if config.rate_limit > 0:
         middlewares.append(rate_limit_middleware(RateLimiter(config.rate_limit,

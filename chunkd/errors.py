@@ -158,6 +158,8 @@ CHUNK_TOO_LONG = _e("chunk_too_long", 413,
                     "chunk {chunk_index} must be {expected_bytes} bytes; its body is longer")
 # -- 415 ----------------------------------------------------------------------------------------
 UNSUPPORTED_CONTENT_TYPE = _e("unsupported_content_type", 415, "send the body as {expected}")
+UNSUPPORTED_ENCODING = _e("unsupported_encoding", 415,
+                          "a chunk body may be sent as identity, gzip or deflate only")
 UNSUPPORTED_CONTENT = _e("unsupported_content", 415,
                          "the file's content is {detected_type}, not audio or video")
 # -- 422: a field has a wrong type or value ---------------------------------------------------

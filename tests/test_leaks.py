@@ -4,9 +4,11 @@ figures or class names in answers; a bad request is one short log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 
+import aiohttp
 import orjson
 import pytest
 
@@ -59,6 +61,26 @@ async def test_an_unparseable_request_is_one_short_line_and_json(client, caplog)
     records = [r for r in caplog.records if "request" in r.getMessage()]
     assert records and all(r.exc_info is None for r in records)  # no traceback
     assert all(len(r.getMessage()) < 200 for r in records)  # the input is not echoed
+
+
+async def test_an_undecodable_body_is_one_line_and_unknown_encodings_are_refused(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    sid = (await create_session(client, "speech.wav", SPEECH, CHUNK))["session_id"]
+    body = b"\x1f\x8b\x08\x00garbage" * 50
+    with contextlib.suppress(aiohttp.ServerDisconnectedError):
+        resp = await put_chunk(client, sid, 0, body, **{"Content-Encoding": "gzip"})
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_body"
+    await asyncio.sleep(0.3)  # aiohttp reads on after the answer, and fails again
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    # encodings nobody decodes would be stored as sent: refused before the body is read
+    for encoding in ("x-unknown", "gzip, gzip", "br;q=1"):
+        resp = await put_chunk(client, sid, 0, chunks_of(SPEECH, CHUNK)[0],
+                               **{"Content-Encoding": encoding})
+        assert resp.status == 415, encoding
+        err = (await resp.json())["error"]
+        assert err["code"] == "unsupported_encoding" and "gzip" in err["accepted"]
+    status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+    assert status["received_chunks"] == 0
 
 
 async def test_a_bad_expect_header_is_a_json_417(client):

@@ -129,6 +129,28 @@ def _busy_reply() -> bytes:
 
 
 
+class _ClientFaultsOnOneLine(logging.Filter):
+    """aiohttp reads on (and fails again) after an undecodable body was answered, and logs that
+    as an "Unhandled exception" with tracebacks: a client's fault, so one INFO line instead."""
+
+    FAULTS = (HttpProcessingError, RequestPayloadError)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.FAULTS) or isinstance(getattr(exc, "__cause__", None),
+                                                      self.FAULTS):
+            log.info("unreadable request body: %s", type(exc).__name__)
+            return False
+        return True
+
+
+def quiet_client_faults() -> None:
+    """Install :class:`_ClientFaultsOnOneLine` on aiohttp's server logger (once)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultsOnOneLine) for f in server_log.filters):
+        server_log.addFilter(_ClientFaultsOnOneLine())
+
+
 class _JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers requests it cannot parse (a request line over 8190 bytes, a broken header)
     before any middleware runs, in text/plain and echoing the input; chunkd answers in JSON.

@@ -126,6 +126,10 @@ def _checksum(request: web.Request) -> str | None:
     return m.group(1).lower()
 
 
+#: Content-Encodings of a chunk body that aiohttp decodes (one, not a list).
+BODY_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
+
+
 @routes.post("/upload/chunked/{session_id}/chunk", expect_handler=expect_handler)
 async def put_chunk(request: web.Request) -> web.Response:
     store = request.app[STORE]
@@ -136,7 +140,10 @@ async def put_chunk(request: web.Request) -> web.Response:
     expected = meta.chunk_length(index)
     # With a Content-Encoding, Content-Length counts the encoded bytes: only the decoded body
     # can be checked (the store counts it).
-    encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in BODY_ENCODINGS:  # anything else would be stored as sent, undecoded
+        raise E.UNSUPPORTED_ENCODING(accepted=sorted(BODY_ENCODINGS))
+    encoded = encoding != "identity"
     declared = None if encoded else request.content_length
     if declared is not None and declared > expected:
         raise E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=expected)
