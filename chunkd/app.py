@@ -12,6 +12,7 @@ from chunkd.api.body import BodySlots
 from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware, quiet_client_faults, server_header
 from chunkd.api.ratelimit import RateLimiter, rate_limit_middleware
+from chunkd.api.static import routes as static_routes
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.api.ws_proxy import Relay, service_ws_url
@@ -101,6 +102,7 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     if config.handoff == "whisperx" and config.whisperx_ws_proxy and config.whisperx_url:
         app[SERVICE_WS] = service_ws_url(config.whisperx_url)
     app.add_routes(upload_routes)
+    app.add_routes(static_routes)
     app.add_routes(ws_routes)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_close_sockets)
