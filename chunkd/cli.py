@@ -180,7 +180,8 @@ def _auth_line(config: Config) -> str:
         return "off: anyone who reaches chunkd may upload (set --jwt-secret-file or --api-keys-file)"
     parts = []
     if config.jwt_secret or config.jwt_secret_file:
-        aud = f", audience {config.jwt_audience}" if config.jwt_audience else ""
+        aud = (f", audience {config.jwt_audience}" if config.jwt_audience else
+               ", audience not checked: give chunkd a secret of its own or set --jwt-audience")
         parts.append(f"JWT (HS256{aud})")
     if config.api_keys_file:
         parts.append(f"API keys from {config.api_keys_file}")

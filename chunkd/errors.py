@@ -17,6 +17,7 @@ Statuses: 400 malformed, 401/403 auth, 404 unknown, 408 body stopped, 409 state 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +49,23 @@ class ChunkdError(Exception):
         return cls(code, int(doc.get("status", 500)), message, body)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:]+/)+([^\s'\"/:]*)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to ``…/<last part>``."""
+    return _ABSOLUTE_PATH.sub(lambda m: f"…/{m.group(1)}", text)
+
+
 class HandoffFailed(ChunkdError):
     """The hand-off gave up. ``message`` is the user-facing sentence, ``detail`` is technical
     (the service's reply, stderr, an exception); both reach the task's subscribers."""
 
     def __init__(self, code: str, status: int, message: str, detail: str = "") -> None:
         super().__init__(code, status, message, {})
-        self.detail = detail
+        # Clients see the detail: absolute paths (of the data dir, a program) become their last
+        # part; the full text is in the server's log.
+        self.detail = without_paths(detail)
 
     def to_task_error(self) -> dict[str, str]:
         """The shape the WhisperX frontend reads (``task.error`` and WebSocket ``error``)."""

@@ -214,7 +214,7 @@ async def test_ownership_holds_across_a_restart_and_no_token_is_logged(server_fa
     secret.write_text(SECRET + "\n")
     args = ("--jwt-secret-file", str(secret), "--log-level", "debug", "--chunk-size", "4KiB")
     first = server_factory(*args)
-    assert "bearer tokens: JWT (HS256)" in "\n".join(first.banner)
+    assert "bearer tokens: JWT (HS256, audience not checked" in "\n".join(first.banner)
     ann, bob = token("ann", aud=None), token("bob", aud=None)
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{first.url}/upload/chunked/session", headers=bearer(ann),

@@ -137,3 +137,27 @@ async def test_a_chunk_that_outlives_its_session_is_not_a_200(aiohttp_client, tm
     resp = await client.get(f"/upload/chunked/{sid}/status")
     assert resp.status == 410
     assert (await put_chunk(client, sid, 1, part)).status == 410
+
+
+async def test_a_failed_handoff_tells_no_server_paths(aiohttp_client, tmp_path):
+    import sys
+
+    script = tmp_path / "tools" / "transcribe.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint('cannot open', sys.argv[1], file=sys.stderr)\n"
+                      "sys.exit(3)\n")
+    cfg = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=CHUNK,
+                 sweep_interval=3600, handoff="command",
+                 handoff_command=f"{sys.executable} {script}")
+    client = await aiohttp_client(ChunkdTestServer(make_app(cfg)))
+    sid = await upload_all(client, "speech.wav", SPEECH, CHUNK)
+    assert (await client.post(f"/upload/chunked/{sid}/finalize")).status == 200
+    for _ in range(100):
+        status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+        if status["status"] == "failed":
+            break
+        await asyncio.sleep(0.05)
+    assert status["status"] == "failed", status
+    text = orjson.dumps(status).decode()
+    assert "cannot open" in status["task"]["error"]["technical_detail"]  # the detail is kept...
+    assert str(tmp_path) not in text and sys.executable not in text  # ...without server paths

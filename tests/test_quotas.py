@@ -12,7 +12,7 @@ from chunkd.app import make_app
 from chunkd.config import Config, ConfigError, load_config
 from chunkd.core.sweeper import sweep
 from chunkd.keys import STORE
-from conftest import ChunkdTestServer, session_body
+from conftest import MEDIA, ChunkdTestServer, session_body, upload_all
 
 CHUNK = 4096
 
@@ -155,3 +155,25 @@ async def test_a_slow_or_big_session_request_is_cut_off(aiohttp_client, tmp_path
     line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
     assert b"408" in line
+
+
+async def test_a_finalized_session_still_handing_off_counts_in_the_total(aiohttp_client, tmp_path):
+    import asyncio
+    import sys
+
+    wav = (MEDIA / "speech.wav").read_bytes()
+    script = tmp_path / "slow.py"
+    script.write_text("import time\ntime.sleep(3)\n")
+    client = await app_client(aiohttp_client, tmp_path, max_reserved_bytes=len(wav) + 50_000,
+                              handoff="command", handoff_command=f"{sys.executable} {script}")
+    sid = await upload_all(client, "speech.wav", wav, CHUNK)
+    assert (await client.post(f"/upload/chunked/{sid}/finalize")).status == 200
+    # its bytes are still on disk while the hand-off runs: they count against the total
+    over = await create(client, 60_000)
+    assert over.status == 507 and await error(over) == "insufficient_storage"
+    for _ in range(100):  # once the hand-off is over, the room is free again
+        status = await (await client.get(f"/upload/chunked/{sid}/status")).json()
+        if status["status"] != "processing":
+            break
+        await asyncio.sleep(0.1)
+    assert (await create(client, 60_000)).status == 201

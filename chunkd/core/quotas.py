@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from chunkd import errors as E
+from chunkd.model.session import EndKind
 from chunkd.store.base import SessionStore
 
 
@@ -38,8 +39,11 @@ async def check_new_session(store: SessionStore, quotas: Quotas, client: str, to
     if not quotas.active:
         return
     now = store.clock()
+    # Open sessions, and finalized ones whose hand-off still holds their bytes.
     open_sessions = [s.meta for s in await store.scan()
-                     if s.claim is None and now <= s.meta.expires_at]
+                     if (s.claim is None and now <= s.meta.expires_at)
+                     or (s.claim is not None and s.claim.kind is EndKind.FINALIZE
+                         and not s.finished)]
     mine = [m for m in open_sessions if m.client == client]
     if quotas.max_sessions_per_client and len(mine) >= quotas.max_sessions_per_client:
         raise E.SESSION_QUOTA(max_sessions=quotas.max_sessions_per_client)

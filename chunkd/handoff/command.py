@@ -55,7 +55,9 @@ class CommandHandoff:
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
-            raise E.COMMAND_NOT_RUNNABLE.handoff(repr(exc), program=self.argv[0]) from None
+            raise E.COMMAND_NOT_RUNNABLE.handoff(exc.strerror or type(exc).__name__,
+                                                 program=os.path.basename(self.argv[0])
+                                                 ) from None
         assert proc.stdout is not None and proc.stderr is not None
         stderr_task = asyncio.create_task(proc.stderr.read())
         result: Any = None
