@@ -68,6 +68,7 @@ async def create_session(request: web.Request) -> web.Response:
         await quotas.check_new_session(store, limits, client, fields["total_size"])
         meta = await store.create(ttl=config.session_ttl, owner=subject, client=client,
                                   **fields)
+        limits.created(meta.session_id, client, meta.total_size)
     return json_response(
         {
             "session_id": meta.session_id,
@@ -249,6 +250,7 @@ async def abort_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     await owned_session(request, sid)
     await uploads.abort(request.app[STORE], sid)
+    request.app[QUOTAS].ended(sid)
     request.app[HUB].poke(sid)
     return json_response(
         {"session_id": sid, "status": "aborted", "message": "Upload cancelled, chunks deleted"}
