@@ -564,7 +564,8 @@ async def test_chunk_after_abort_is_410(client, config, sid, index):
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/", 404), ("GET", "/nope", 404), ("POST", "/upload/chunked", 404),
+    [("GET", "/nope", 404), ("GET", "/static/../README.md", 404), ("GET", "/static/nope.js", 404),
+     ("POST", "/upload/chunked", 404),
      ("GET", "/upload/chunked/{sid}", 404), ("POST", "/upload/chunked/{sid}/chunks", 404),
      ("GET", "/upload/chunked/session", 405), ("PUT", "/upload/chunked/session", 405),
      ("PUT", "/upload/chunked/{sid}/chunk", 405), ("GET", "/upload/chunked/{sid}/chunk", 405),
