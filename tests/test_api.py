@@ -247,6 +247,7 @@ async def test_cors_for_configured_origins(aiohttp_client, tmp_path):
     resp = await client.get("/healthz", headers={"Origin": "http://localhost:5173"})
     assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
     assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Retry-After" in resp.headers["Access-Control-Expose-Headers"]  # named, not "*"
     other = await client.get("/healthz", headers={"Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
     denied = await client.options("/upload/chunked/session", headers={

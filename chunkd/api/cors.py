@@ -11,6 +11,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization, X-CSRF-Token, X-WhisperX-Authorization"
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+#: Answer headers a page on another origin may read (``*`` would not count with credentials).
+EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
 
 
 def cors_middleware(origins: frozenset[str]) -> Middleware:
@@ -36,6 +38,7 @@ def cors_middleware(origins: frozenset[str]) -> Middleware:
         resp = await handler(request)
         if allowed and not resp.prepared:
             resp.headers["Access-Control-Allow-Origin"] = origin or ""
+            resp.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             resp.headers["Vary"] = "Origin"
             if credentials:
                 resp.headers["Access-Control-Allow-Credentials"] = "true"
