@@ -20,6 +20,9 @@ from chunkd.app import make_app
 from chunkd.config import Config, KiB
 
 MEDIA = Path(__file__).parent / "media"
+#: Read at import, before the autouse fixture below removes every CHUNKD_* variable: CI sets it
+#: so that a missing browser fails the browser tests instead of skipping them.
+REQUIRE_BROWSER = bool(os.environ.get("CHUNKD_REQUIRE_BROWSER"))
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from chunkd.app import make_app
 from chunkd.config import Config
-from conftest import MEDIA, ChunkdTestServer, sha256
+from conftest import MEDIA, REQUIRE_BROWSER, ChunkdTestServer, sha256
 
 HERE = Path(__file__).parent
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,7 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        if os.environ.get("CHUNKD_REQUIRE_BROWSER"):
+        if REQUIRE_BROWSER:
             pytest.fail("chromium is required here (CHUNKD_REQUIRE_BROWSER is set)")
         pytest.skip("chromium is not installed (make test installs it when run as root)")
     return path

@@ -12,7 +12,6 @@ are built in the page from bytes the test serves through Playwright's request in
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import socket
@@ -25,7 +24,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from conftest import MEDIA, sha256
+from conftest import MEDIA, REQUIRE_BROWSER, sha256
 
 STATIC = Path(__file__).parent.parent / "chunkd" / "static"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -52,7 +51,7 @@ window.T = {
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CHUNKD_REQUIRE_BROWSER"):
+    if REQUIRE_BROWSER:
         pytest.fail(f"{reason} (CHUNKD_REQUIRE_BROWSER is set)")
     pytest.skip(reason)
 
