@@ -91,7 +91,7 @@ _HELP = {
 #: aiohttp stops reading a request body above 2x this and resumes below it: small, so a request
 #: whose body is not (yet) being read holds little. A chunk body that got a slot raises it
 #: (``chunkd.api.body.BODY_READ_SIZE``).
-READ_BUFSIZE = 16 * 1024
+READ_BUFSIZE = 64 * 1024
 
 
 def _human(n: float) -> str:

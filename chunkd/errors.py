@@ -64,8 +64,9 @@ class HandoffFailed(ChunkdError):
     def __init__(self, code: str, status: int, message: str, detail: str = "") -> None:
         super().__init__(code, status, message, {})
         # Clients see the detail: absolute paths (of the data dir, a program) become their last
-        # part; the full text is in the server's log.
+        # part. ``raw_detail`` is for the server's log only.
         self.detail = without_paths(detail)
+        self.raw_detail = detail
 
     def to_task_error(self) -> dict[str, str]:
         """The shape the WhisperX frontend reads (``task.error`` and WebSocket ``error``)."""

@@ -203,3 +203,4 @@ async def test_stalled_bodies_stay_under_the_memory_cap(server_factory, many_fds
                     break
             await asyncio.sleep(0.1)
         assert resp.status == 200
+

@@ -156,9 +156,13 @@ async def test_chunk_markers_cannot_exhaust_the_disks_inodes(aiohttp_client, tmp
                                    json=session_body("a.wav", 4 * MiB, KiB))
         assert greedy.status == 507, await greedy.text()
         assert (await greedy.json())["error"]["code"] == "insufficient_storage"
-        # one that fits takes its inodes, uploads whole, and others can still create sessions
-        data = DATA  # ~200 chunks of 1 KiB
+        # one that fits takes its inodes now (one empty file per marker), so a second one that
+        # would need the same inodes is refused at once instead of failing the first one later
+        data = (DATA * 4)[: 600 * KiB]  # 600 chunks of 1 KiB
         sid = (await create_session(client, "b.wav", data, KiB))["session_id"]
+        second = await client.post("/upload/chunked/session",
+                                   json=session_body("c.wav", len(data), KiB))
+        assert second.status == 507, await second.text()
         for i, part in enumerate(chunks_of(data, KiB)):
             assert (await put_chunk(client, sid, i, part)).status == 200
         status = await (await client.get(f"/upload/chunked/{sid}/status")).json()

@@ -216,3 +216,33 @@ async def test_a_websocket_peer_that_never_reads_is_cut_off(aiohttp_client, tmp_
     assert any(m["type"] == "heartbeat" for m in followed)
     await reader.close()
     await reading
+
+
+async def test_a_body_that_sends_fast_then_trickles_is_cut_off_too(aiohttp_client, tmp_path):
+    """The rate is per window, not an average since the start: 15 KiB at once and then a few
+    bytes every 0.2 s averages 4 KiB/s for almost 4 s, but each window is far too slow."""
+    client = await make_client(aiohttp_client, tmp_path, body_timeout=0.6,
+                               min_body_rate=4 * 1024)
+    parts = chunks_of(WAV, CHUNK)
+    sid = (await create_session(client, "a.wav", WAV, CHUNK))["session_id"]
+    sent = 15 * 1024
+    reader, writer = await partial(client, sid, 0, parts[0], sent, "x")
+    started = time.monotonic()
+    answer = b""
+    while time.monotonic() - started < 6 and sent < len(parts[0]):
+        await asyncio.sleep(0.2)
+        writer.write(parts[0][sent:sent + 10])
+        sent += 10
+        try:
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readline(), 0.01)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if answer:
+            break
+    waited = time.monotonic() - started
+    writer.close()
+    assert b" 408 " in answer, answer
+    assert waited < 2.5, waited  # an average since the start would have allowed ~3.75 s

@@ -58,7 +58,7 @@ def client_address(request: web.Request) -> str:
     peer = request.remote or "unknown"
     cidrs = request.app[CONFIG].trusted_proxies
     if not cidrs or not _trusted(peer, cidrs):
-        return peer
+        return _address(peer) or peer  # an IPv6 peer counts as its /64 too
     cf = _address(request.headers.get("CF-Connecting-IP", ""))
     if cf is not None:
         return cf

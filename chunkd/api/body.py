@@ -43,19 +43,20 @@ class RequestBody:
         except TimeoutError:
             raise E.BODY_TIMEOUT(seconds=self._idle) from None
 
-    def _check_rate(self, started: float, total: int) -> None:
-        """After the first ``idle_timeout`` seconds, the body must average ``min_rate``."""
-        elapsed = self._loop.time() - started
-        if self._min_rate and elapsed > self._idle and total < self._min_rate * elapsed:
-            raise E.BODY_TOO_SLOW(min_rate=self._min_rate, received_bytes=total,
-                                  seconds=round(elapsed))
-
     async def _each(self, length: int, index: int, sink: RangeWriter | None) -> None:
         total = 0
-        started = self._loop.time()
+        # The rate is checked per window of ``idle_timeout`` seconds, not on average since the
+        # start: a body cannot send fast first and then trickle for hours.
+        window_start, window_bytes = self._loop.time(), 0
         while data := await self._next():
             total += len(data)
-            self._check_rate(started, total)
+            window_bytes += len(data)
+            elapsed = self._loop.time() - window_start
+            if self._min_rate and elapsed > self._idle:
+                if window_bytes < self._min_rate * elapsed:
+                    raise E.BODY_TOO_SLOW(min_rate=self._min_rate, received_bytes=total,
+                                          seconds=round(elapsed))
+                window_start, window_bytes = self._loop.time(), 0
             if total > length:
                 raise E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=length)
             if sink is not None:

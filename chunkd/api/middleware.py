@@ -116,6 +116,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 #: Seconds a client turned away for being over a connection cap is asked to wait.
 BUSY_RETRY_AFTER = 2
+#: A connection closed by the server but still there this long after (its peer reads nothing of
+#: what is buffered) is aborted; closing ones are looked for every REAP_INTERVAL seconds.
+CLOSE_GRACE = 10.0
+REAP_INTERVAL = 2.0
 
 
 def _busy_reply() -> bytes:
@@ -234,9 +238,38 @@ class JsonErrorAppRunner(web.AppRunner):
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def _cleanup_server(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await super()._cleanup_server()
+
+    async def _reap(self, server: web.Server) -> None:
+        """Abort connections that were closed but never went away. A graceful close waits for
+        the peer to read what is still buffered; a peer that never reads (a zero TCP window)
+        would keep the connection, and its place under the cap, for ever."""
+        closing_since: dict[asyncio.Transport, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = loop.time()
+            live = set()
+            for handler in server.connections:
+                transport = handler.transport
+                if transport is None or not transport.is_closing():
+                    continue
+                live.add(transport)
+                since = closing_since.setdefault(transport, now)
+                if now - since >= CLOSE_GRACE:
+                    log.info("aborting a connection whose peer does not read")
+                    transport.abort()
+            for gone in [t for t in closing_since if t not in live]:
+                del closing_since[gone]
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(server))
         server.__class__ = _JsonErrorServer  # same object, only the handler class differs
         assert isinstance(server, _JsonErrorServer)
         server.header_timeout = self.header_timeout

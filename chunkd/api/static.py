@@ -3,11 +3,12 @@
 tells a client the chunk sizes to use before it creates a session.
 
 Only the files named in :data:`FILES` are served (no path from the request reaches the file
-system); they are read once, at start.
+system); each is read once, on first use.
 """
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 from aiohttp import web
@@ -28,11 +29,12 @@ FILES = {
     "page.css": "text/css; charset=utf-8",
 }
 #: The page loads only itself: no CDN, no inline script.
-PAGE_POLICY = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+PAGE_POLICY = ("default-src 'self'; connect-src 'self'; img-src 'self' data:; "
                "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
-               "frame-ancestors 'none'")
+               "form-action 'none'; frame-ancestors 'none'")
 
 
+@functools.cache
 def _read(name: str) -> bytes | None:
     try:
         return (resources.files("chunkd") / "static" / name).read_bytes()

@@ -68,7 +68,8 @@ async def create_session(request: web.Request) -> web.Response:
         await quotas.check_new_session(store, limits, client, fields["total_size"])
         meta = await store.create(ttl=config.session_ttl, owner=subject, client=client,
                                   **fields)
-        limits.created(meta.session_id, client, meta.total_size)
+        if limits.active:
+            limits.created(meta.session_id, client, meta.total_size)
     return json_response(
         {
             "session_id": meta.session_id,

@@ -172,6 +172,8 @@ class TaskRunner:
                                            location=outcome.location,
                                            has_result=outcome.result is not None)
         except HandoffFailed as exc:
+            log.warning("hand-off of session %s failed: %s (%s)", meta.session_id, exc.code,
+                        exc.raw_detail[:2000])
             final = journal.task.failed(exc.to_task_error(), self.store.clock())
         except LeaseLost:
             log.warning("session %s: another process took the task over; stopping here",

@@ -7,6 +7,9 @@
           data              the file itself, reserved up front; chunk i lives at i * chunk_size
           chunks/<i>        one marker per counted chunk (holds the chunk's sha256 when known);
                             created by rename after the chunk's bytes were written and flushed
+          chunks/.<i>.pending  the marker's inode, made at creation (one empty file per chunk,
+                            so a full inode table cannot stop a reserved session): counting a
+                            chunk writes its digest into it and renames it to <i>
           reserve           blocks reserved at creation for the markers (one per chunk): on a
                             full disk a marker's write shrinks it and tries again
           end.claim         the session's one-time end: finalize, abort or expire; created with
@@ -80,6 +83,9 @@ class Layout:
 
     def marker(self, sid: str, index: int) -> Path:
         return self.chunks(sid) / str(index)
+
+    def pending_marker(self, sid: str, index: int) -> Path:
+        return self.chunks(sid) / f".{index}.pending"
 
     def reserve(self, sid: str) -> Path:
         return self.session(sid) / "reserve"

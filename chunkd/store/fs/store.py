@@ -180,6 +180,7 @@ class FileSystemStore:
             finally:
                 os.close(fd)
             self._reserve_blocks(staging / self.layout.reserve(sid).name, bookkeeping)
+            self._reserve_inodes(staging / self.layout.chunks(sid).name, meta.total_chunks)
             write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
             for kind in (EndKind.ABORT, EndKind.EXPIRE):  # so that ending it needs no space
                 write_json_atomic(staging / self.layout.end_intent(sid, kind.value).name,
@@ -420,38 +421,60 @@ class FileSystemStore:
         finally:
             os.close(fd)
 
+    def _reserve_inodes(self, chunks: Path, count: int) -> None:
+        """One empty file per chunk marker, now: its inode is the session's from here on."""
+        for index in range(count):
+            name = self.layout.pending_marker("", index).name
+            try:
+                os.close(os.open(chunks / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except OSError as exc:
+                if disk_full(exc):
+                    raise E.INSUFFICIENT_STORAGE(reason="the disk has no room for more files"
+                                                 ) from None
+                raise
+
     def _release_reserve(self, sid: str) -> bool:
         """Give back some of the session's reserved marker blocks; False if none are left."""
         path = self.layout.reserve(sid)
         try:
             size = path.stat().st_size
+            if size == 0:
+                return False
+            os.truncate(path, max(0, size - RESERVE_STEP))
         except FileNotFoundError:
-            return False  # a session made before the reserve existed
-        if size == 0:
-            return False
-        os.truncate(path, max(0, size - RESERVE_STEP))
+            return False  # made before the reserve existed, or removed meanwhile
         return True
 
     def _count_chunk_sync(self, sid: str, index: int, digest: str | None) -> frozenset[int]:
         """Create the chunk's marker by rename (atomic) and make that rename durable."""
         self._check_open_for_chunks(sid)
         marker = self.layout.marker(sid, index)
-        tmp = marker.with_name(f".{index}.{uuid.uuid4().hex}.tmp")
+        pending = self.layout.pending_marker(sid, index)
+        # The inode made for this marker at creation (sessions made before had none: a new one).
+        reserved = pending.exists()
+        tmp = pending if reserved else marker.with_name(f".{index}.{uuid.uuid4().hex}.tmp")
         while True:
             try:
-                with open(tmp, "x") as f:
+                with open(tmp, "w" if reserved else "x") as f:
                     f.write(digest or "")
                 break
             except FileNotFoundError:
                 raise self._missing(sid) from None  # removed while the body was streaming
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                if not reserved:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
                 if not disk_full(exc):
                     raise
                 if not self._release_reserve(sid):  # the disk is full: use the reserved room
                     raise E.INSUFFICIENT_STORAGE(reason="the disk is full") from None
-        os.replace(tmp, marker)
+        try:
+            os.replace(tmp, marker)
+        except OSError:
+            if not reserved:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
         self._sync_dir(marker.parent)
         return self._received(sid)
 
