@@ -320,6 +320,7 @@ class Upload {
   resume() {
     if (!this.paused) return;
     this.paused = false;
+    this.pausedDone?.resolve(); // a pause() still settling is over: nothing waits for it
     this.resumeWaiter?.resolve();
     this.resumeWaiter = null;
   }
@@ -370,6 +371,9 @@ class Upload {
     try {
       return await this._upload();
     } catch (err) {
+      if (err instanceof ChunkdError && (err.status === 404 || err.status === 410)) {
+        forget(this.storage, this.key); // expired, aborted or gone: never picked up again
+      }
       if (this.cancelled) {
         await this._abortOnServer();
         this._setState("cancelled");
@@ -378,6 +382,8 @@ class Upload {
       }
       this._setState("failed");
       throw err;
+    } finally {
+      this.pausedDone?.resolve(); // whoever waits for a pause to settle is not left waiting
     }
   }
 
@@ -579,6 +585,7 @@ class Upload {
         if (!this.paused) {
           this._setState("uploading");
           await this._sendMissing();
+          if (!this.paused) this.pausedDone?.resolve(); // resumed (or done) before it settled
         }
         if (this.paused || (this.missing.size && !this.finalized)) {
           // paused (or paused and resumed before the chunks in flight had stopped)

@@ -488,6 +488,9 @@ function onSession(item, id, info) {
 function onUploadState(item, state) {
   if (state === 'finalizing' && item.state === 'uploading' && !item.cancelling) {
     item.el.rate.textContent = '';
+    // Too late to cancel: the server may already have taken the file for processing.
+    item.el.buttons.cancel.hidden = true;
+    item.el.buttons.pause.hidden = true;
     setMessage(item, 'All pieces are on the server. It is checking the file…');
   }
 }
