@@ -106,13 +106,13 @@ class Config:
     durable: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    #: Chunk bodies read at once (each holds at most ~1 MiB of buffers); more get 503
+    #: Chunk bodies read at once (each holds at most ~1.5 MiB of buffers); more get 503
     #: ``server_busy`` with ``Retry-After`` before their body is read: memory stays bounded.
     max_concurrent_chunks: int = 64
     #: Of those, most one client (subject, or address without auth) may hold at once.
     max_chunks_per_client: int = 16
-    #: A chunk body must arrive at this many bytes a second on average (after its first
-    #: ``body_timeout``), or it is cut off with 408: a trickle cannot hold a slot for hours.
+    #: A chunk body must send this many bytes a second in every ``body_timeout`` window, or it
+    #: is cut off with 408: a trickle cannot hold a slot for hours.
     min_body_rate: int = 8 * KiB
     #: Most connections open at once (also kept below the open-files limit): one beyond it
     #: gets 503 ``server_busy`` at once. Each holds a descriptor and some buffered bytes.
