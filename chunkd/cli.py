@@ -56,8 +56,8 @@ _HELP = {
     "header_timeout": "a new connection must send its request headers within (default 15s)",
     "max_concurrent_chunks": "chunk bodies read at once; more get 503 (default 64)",
     "max_chunks_per_client": "of those, most one client may hold (default 16)",
-    "min_body_rate": "a chunk body slower than this many bytes/s on average is cut off "
-    "(default 8KiB; 0 off)",
+    "min_body_rate": "a chunk body slower than this many bytes/s in any --body-timeout window "
+    "is cut off (default 8KiB; 0 off)",
     "max_connections": "open connections at most, kept below the open-files limit; more get "
     "503 (default 1024)",
     "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
