@@ -60,6 +60,8 @@ _HELP = {
     "is cut off (default 8KiB; 0 off)",
     "max_connections": "open connections at most, kept below the open-files limit; more get "
     "503 (default 1024)",
+    "max_connections_per_address": "of those, most from one address that is not a trusted "
+    "proxy (default 128; 0 no cap)",
     "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
     "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
@@ -212,6 +214,8 @@ async def serve(config: Config) -> None:
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
                                 header_timeout=config.header_timeout,
                                 max_connections=connection_cap(config.max_connections),
+                                max_per_address=config.max_connections_per_address,
+                                trusted_proxies=config.trusted_proxies,
                                 keepalive_timeout=config.keepalive_timeout,
                                 read_bufsize=READ_BUFSIZE)
     await runner.setup()

@@ -117,6 +117,9 @@ class Config:
     #: Most connections open at once (also kept below the open-files limit): one beyond it
     #: gets 503 ``server_busy`` at once. Each holds a descriptor and some buffered bytes.
     max_connections: int = 1024
+    #: Of those, most from one peer address (an IPv6 /64) that is not in ``trusted_proxies``
+    #: (0: no cap): one client cannot hold them all by reconnecting.
+    max_connections_per_address: int = 128
     #: A new connection must send its first request's headers within this long.
     header_timeout: float = 15.0
     #: An idle keep-alive connection is closed after this long.
@@ -228,6 +231,8 @@ class Config:
             raise ConfigError("min body rate must not be negative")
         if self.max_connections < 16:
             raise ConfigError("max connections must be at least 16")
+        if self.max_connections_per_address < 0:
+            raise ConfigError("max connections per address must not be negative")
         if self.header_timeout <= 0 or self.keepalive_timeout <= 0:
             raise ConfigError("header and keep-alive timeouts must be positive")
         if self.body_timeout <= 0:
@@ -374,6 +379,7 @@ PARSERS: dict[str, Any] = {
     "max_chunks_per_client": parse_int,
     "min_body_rate": parse_size,
     "max_connections": parse_int,
+    "max_connections_per_address": parse_int,
     "keepalive_timeout": parse_duration,
     "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,

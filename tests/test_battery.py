@@ -1,6 +1,6 @@
-"""The hostile battery (scripts/battery.py) against a real ``chunkd serve``, for 15 s: normal
-uploads, hostile requests and the three injected faults (full disk, read-only remount, kill -9
-and restart). No answer may be a 500, no acknowledged chunk may be lost, and every fault must
+"""The hostile battery (scripts/battery.py) against a real ``chunkd serve``, for 25 s (its three
+faults run one after another and need the time): normal uploads, hostile requests and the
+injected faults (full disk, read-only remount, kill -9 and restart). No answer may be a 500, no acknowledged chunk may be lost, and every fault must
 really have been injected."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_battery_15s() -> None:
     proc = subprocess.run(
-        [sys.executable, str(BATTERY), "--duration", "15", "--settle", "10", "--json"],
+        [sys.executable, str(BATTERY), "--duration", "25", "--settle", "10", "--json"],
         capture_output=True, text=True, timeout=150,
     )
     assert proc.stdout.strip(), f"no JSON report (exit {proc.returncode}): {proc.stderr[-3000:]}"

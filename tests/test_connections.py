@@ -43,7 +43,9 @@ def many_fds():
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds):
+    # many attackers (all on 127.0.0.1 here, so the per-address cap is off for this test)
     srv = server_factory("--header-timeout", str(HEADER_TIMEOUT),
+                         "--max-connections-per-address", "0",
                          prefix=("prlimit", "--nofile=1024:1024"))
     host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
     held: list[asyncio.StreamWriter] = []
@@ -144,7 +146,7 @@ async def test_stalled_bodies_stay_under_the_memory_cap(server_factory, many_fds
     """600 connections each send just under 512 KiB of a 1 MiB chunk and stop (finding 6): what
     the server buffers for them is bounded by its slots and connection cap, not their number."""
     srv = server_factory("--max-connections", "256", "--max-concurrent-chunks", "64",
-                         "--body-timeout", "30")
+                         "--body-timeout", "30", "--max-connections-per-address", "0")
     assert srv.proc is not None
     host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
     wav = (MEDIA / "speech.wav").read_bytes()
@@ -204,3 +206,32 @@ async def test_stalled_bodies_stay_under_the_memory_cap(server_factory, many_fds
             await asyncio.sleep(0.1)
         assert resp.status == 200
 
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_one_address_cannot_hold_every_connection(server_factory, trusted):
+    """--max-connections-per-address: an address that is not a trusted proxy holds at most that
+    many; a trusted proxy (Cloudflare: many users each) is not capped."""
+    args = ["--max-connections", "64", "--max-connections-per-address", "16"]
+    if trusted:
+        args += ["--trusted-proxies", "127.0.0.0/8"]
+    srv = server_factory(*args)
+    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+    held = []
+    for _ in range(16):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        held.append(writer)
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{srv.url}/healthz") as resp:
+            if trusted:
+                assert resp.status == 200
+            else:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "server_busy"
+        for writer in held:
+            writer.close()
+        await asyncio.sleep(0.3)
+        async with http.get(f"{srv.url}/healthz") as resp:  # its places are given back
+            assert resp.status == 200

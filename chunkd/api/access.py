@@ -43,7 +43,8 @@ def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def _trusted(address: str, cidrs: tuple[str, ...]) -> bool:
+def trusted(address: str, cidrs: tuple[str, ...]) -> bool:
+    """Is ``address`` inside one of ``cidrs``?"""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -57,19 +58,19 @@ def client_address(request: web.Request) -> str:
     ``X-Forwarded-For``. Headers from anyone else are ignored (they are trivially forged)."""
     peer = request.remote or "unknown"
     cidrs = request.app[CONFIG].trusted_proxies
-    if not cidrs or not _trusted(peer, cidrs):
-        return _address(peer) or peer  # an IPv6 peer counts as its /64 too
-    cf = _address(request.headers.get("CF-Connecting-IP", ""))
+    if not cidrs or not trusted(peer, cidrs):
+        return address_key(peer) or peer  # an IPv6 peer counts as its /64 too
+    cf = address_key(request.headers.get("CF-Connecting-IP", ""))
     if cf is not None:
         return cf
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, cidrs):
-            return _address(hop) or peer  # not an address: the proxy itself is the client
+        if not trusted(hop, cidrs):
+            return address_key(hop) or peer  # not an address: the proxy itself is the client
     return peer
 
 
-def _address(text: str) -> str | None:
+def address_key(text: str) -> str | None:
     """A client key from a forwarded address: the address, an IPv6 one as its /64 (one
     client holds a whole /64); None if it is no address at all."""
     try:

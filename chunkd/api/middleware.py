@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from chunkd import errors as E
+from chunkd.api.access import address_key, trusted
 from chunkd.errors import ChunkdError, ErrorCode
 
 log = logging.getLogger("chunkd")
@@ -132,6 +133,8 @@ def _busy_reply() -> bytes:
     return head.encode() + body
 
 
+_BUSY = _busy_reply()
+
 
 class _ClientFaultsOnOneLine(logging.Filter):
     """aiohttp reads on (and fails again) after an undecodable body was answered, and logs that
@@ -163,20 +166,54 @@ class _JsonErrorRequestHandler(RequestHandler):
 
     header_timeout: float = 0.0
     max_connections: int = 0
+    #: Most connections one untrusted peer address (an IPv6 /64) may hold (0: no cap); the
+    #: trusted proxies (Cloudflare) carry many users each and are not capped.
+    max_per_address: int = 0
+    trusted_proxies: tuple[str, ...] = ()
+    per_address: dict[str, int] | None = None  # shared by every handler of the server
+    _address_key: str | None = None
+
+    def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
+        # The answer goes out before the request is read; the connection is then closed.
+        log.info("connection from %s refused: %s", transport.get_extra_info("peername"), why)
+        tcp = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        tcp.write(_BUSY)
+        tcp.close()
+
+    def _take_address_place(self, transport: asyncio.BaseTransport) -> bool:
+        peer = transport.get_extra_info("peername")
+        if not self.max_per_address or self.per_address is None or not peer:
+            return True
+        if self.trusted_proxies and trusted(peer[0], self.trusted_proxies):
+            return True
+        key = address_key(peer[0]) or peer[0]
+        held = self.per_address.get(key, 0)
+        if held >= self.max_per_address:
+            return False
+        self.per_address[key] = held + 1
+        self._address_key = key
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        key, self._address_key = self._address_key, None
+        if key is not None and self.per_address is not None:
+            left = self.per_address.pop(key, 1) - 1
+            if left > 0:
+                self.per_address[key] = left
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
+        # Each connection holds a descriptor and up to one socket read of buffered body: the
+        # caps bound both.
         if self.max_connections and manager is not None and (
             len(manager.connections) > self.max_connections
         ):
-            # Each connection holds a descriptor and up to ~2 x read_bufsize of buffered body:
-            # the cap bounds both. The answer goes out before the request is read.
-            log.info("connection from %s refused: %d open", transport.get_extra_info("peername"),
-                     len(manager.connections) - 1)
-            tcp = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
-            tcp.write(_BUSY)
-            tcp.close()
+            self._refuse(transport, f"{len(manager.connections) - 1} open")
+            return
+        if not self._take_address_place(transport):
+            self._refuse(transport, f"{self.max_per_address} open from that address")
             return
         if self.header_timeout > 0:
             # aiohttp closes an idle connection at its keep-alive deadline, which it also sets
@@ -217,13 +254,19 @@ class _JsonErrorRequestHandler(RequestHandler):
 class _JsonErrorServer(web.Server):
     #: Seconds a new connection has to send its first request's headers (set by the runner).
     header_timeout: float = 0.0
-    #: Most open connections (0: no cap).
+    #: Most open connections (0: no cap), and per untrusted peer address.
     max_connections: int = 0
+    max_per_address: int = 0
+    trusted_proxies: tuple[str, ...] = ()
+    per_address: dict[str, int] | None = None
 
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout = self.header_timeout
         handler.max_connections = self.max_connections
+        handler.max_per_address = self.max_per_address
+        handler.trusted_proxies = self.trusted_proxies
+        handler.per_address = self.per_address
         return handler
 
 
@@ -234,10 +277,13 @@ class JsonErrorAppRunner(web.AppRunner):
     most ``max_connections`` of which are open at once (0: no cap)."""
 
     def __init__(self, app: web.Application, *, header_timeout: float = 0.0,
-                 max_connections: int = 0, **kwargs: Any) -> None:
+                 max_connections: int = 0, max_per_address: int = 0,
+                 trusted_proxies: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.trusted_proxies = trusted_proxies
         self._reaper: asyncio.Task[None] | None = None
 
     async def _cleanup_server(self) -> None:
@@ -274,7 +320,9 @@ class JsonErrorAppRunner(web.AppRunner):
         assert isinstance(server, _JsonErrorServer)
         server.header_timeout = self.header_timeout
         server.max_connections = self.max_connections
+        server.max_per_address = self.max_per_address
+        server.trusted_proxies = self.trusted_proxies
+        server.per_address = {}
         return server
 
 
-_BUSY = _busy_reply()
