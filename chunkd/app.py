@@ -85,7 +85,8 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app = web.Application(middlewares=middlewares)
     if store is None:
         store = FileSystemStore(config.data_dir, durable=config.durable,
-                                min_free=config.min_free_space)
+                                min_free=config.min_free_space,
+                                idle_ttl=config.idle_session_ttl)
     hub = ProgressHub(store)
     app[CONFIG] = config
     app[DRAIN] = drain

@@ -89,8 +89,12 @@ async def test_an_idle_session_expires_early(aiohttp_client, tmp_path):
     data = tmp_path / "data" / "sessions" / idle / "data"
     old = time.time() - 1000
     os.utime(data, (old, old))  # no chunk for over 16 minutes
-    status = await (await client.get(f"/upload/chunked/{idle}/status")).json()
-    assert abs(_epoch(status["expires_at"]) - (old + 600)) < 5  # already past: it goes next sweep
+    # past its idle deadline: expired at once (not only at the next sweep), chunks too
+    gone = await client.get(f"/upload/chunked/{idle}/status")
+    assert gone.status == 410 and await error(gone) == "session_expired"
+    late = await client.post(f"/upload/chunked/{idle}/chunk?index=0", data=b"x" * CHUNK,
+                             headers={"Content-Type": "application/octet-stream"})
+    assert late.status == 410
     status = await (await client.get(f"/upload/chunked/{active}/status")).json()
     assert abs(_epoch(status["expires_at"]) - (time.time() + 600)) < 5
     removed = await sweep(store, time.time(), idle_ttl=600)

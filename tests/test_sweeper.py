@@ -48,7 +48,9 @@ async def test_expired_session_is_swept_and_answers_410(aiohttp_client, tmp_path
 
 
 async def test_sweep_spares_live_busy_and_finalizing_sessions(aiohttp_client, tmp_path):
-    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1, sweep_interval=3600)
+    # the files are aged by an hour below: the idle expiry (tested in test_quotas) is kept out
+    config = Config(min_chunk_size=1024, data_dir=tmp_path / "data", chunk_size=4096, session_ttl=1,
+                    sweep_interval=3600, idle_session_ttl=86400)
     client = await aiohttp_client(make_app(config))
     store = client.server.app[STORE]
     data = (MEDIA / "speech.ogg").read_bytes()

@@ -120,7 +120,8 @@ class FileSystemStore:
                          max_parts=MAX_CHUNKS)
 
     def __init__(self, root: Path, *, durable: bool = True,
-                 clock: Callable[[], float] = time.time, min_free: int = 0) -> None:
+                 clock: Callable[[], float] = time.time, min_free: int = 0,
+                 idle_ttl: float | None = None) -> None:
         self.layout = Layout(root)
         self.layout.make()
         self.durable = durable
@@ -128,6 +129,9 @@ class FileSystemStore:
         #: Bytes a new session's reservation must leave free: the room every session's
         #: bookkeeping (markers, claims, task records) is written in.
         self.min_free = min_free
+        #: An open session whose bytes were last written this long ago is expired (410) at
+        #: once, not only at the next sweep.
+        self.idle_ttl = idle_ttl
         self._leases = FileLeases(self.layout, clock)
         self._meta_cache: dict[str, SessionMeta] = {}
         self._writing: dict[str, int] = {}  # session id -> chunk slots open in this process
@@ -204,10 +208,21 @@ class FileSystemStore:
         claim = self._read_claim(sid)
         if claim is not None and claim.kind is not EndKind.FINALIZE:
             raise _gone(claim.kind)
-        if claim is None and self.clock() > meta.expires_at:
+        if claim is None and self.clock() > self._deadline(meta):
             # A finalized session lives on until its task is over and the sweeper takes it.
             raise _gone(EndKind.EXPIRE)
         return meta
+
+    def _deadline(self, meta: SessionMeta) -> float:
+        """When an open session expires: its lifetime's end, or ``idle_ttl`` after its bytes
+        were last written (by any process; never while this one writes it)."""
+        if self.idle_ttl is None or meta.session_id in self._writing:
+            return meta.expires_at
+        try:
+            last = os.stat(self.layout.data(meta.session_id)).st_mtime
+        except FileNotFoundError:
+            return meta.expires_at
+        return min(meta.expires_at, last + self.idle_ttl)  # as the sweeper reckons it
 
     def _meta(self, sid: str) -> SessionMeta:
         if not is_session_id(sid):
