@@ -153,9 +153,9 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def connection_cap(configured: int) -> int:
-    """``--max-connections``, lowered so that connections never take the last descriptors."""
-    soft = raise_fd_limit()
+def connection_cap(configured: int, soft: int) -> int:
+    """``--max-connections``, lowered so that connections never take the last descriptors of
+    the ``soft`` open-files limit."""
     if soft == resource.RLIM_INFINITY:
         return configured
     return max(16, min(configured, soft - RESERVED_FDS))
@@ -211,9 +211,10 @@ async def serve(config: Config) -> None:
         for line in await check_service_url(config.whisperx_url, config.max_file_size):
             print(f"chunkd: warning: {line}", file=sys.stderr, flush=True)
     app = make_app(config)
+    files = raise_fd_limit()
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=0.5,
                                 header_timeout=config.header_timeout,
-                                max_connections=connection_cap(config.max_connections),
+                                max_connections=connection_cap(config.max_connections, files),
                                 max_per_address=config.max_connections_per_address,
                                 trusted_proxies=config.trusted_proxies,
                                 keepalive_timeout=config.keepalive_timeout,

@@ -85,15 +85,21 @@ async def test_idle_sockets_do_not_lock_new_clients_out(server_factory, many_fds
     assert srv.proc is not None and srv.proc.poll() is None  # and the server is still up
 
 
-async def test_connections_beyond_the_cap_get_503_at_once(server_factory):
-    srv = server_factory("--max-connections", "16")
-    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+async def hold_half_heads(url: str, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` connections that each send half a request head and then nothing."""
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
     held = []
-    for _ in range(16):
+    for _ in range(count):
         _, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
         held.append(writer)
     await asyncio.sleep(0.2)
+    return held
+
+
+async def test_connections_beyond_the_cap_get_503_at_once(server_factory):
+    srv = server_factory("--max-connections", "16")
+    held = await hold_half_heads(srv.url, 16)
     async with aiohttp.ClientSession() as http:
         started = time.monotonic()
         async with http.get(f"{srv.url}/healthz") as resp:
@@ -216,13 +222,7 @@ async def test_one_address_cannot_hold_every_connection(server_factory, trusted)
     if trusted:
         args += ["--trusted-proxies", "127.0.0.0/8"]
     srv = server_factory(*args)
-    host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
-    held = []
-    for _ in range(16):
-        _, writer = await asyncio.open_connection(host, port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
-        held.append(writer)
-    await asyncio.sleep(0.2)
+    held = await hold_half_heads(srv.url, 16)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{srv.url}/healthz") as resp:
             if trusted:

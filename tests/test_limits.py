@@ -34,6 +34,27 @@ async def partial(client, sid: str, index: int, body: bytes, sent: int, address:
     return reader, writer
 
 
+async def trickle(reader, writer, body: bytes, sent: int, within: float) -> tuple[bytes, float]:
+    """Send the rest of ``body`` 10 bytes every 0.2 s (never silent for the idle deadline, far
+    below any rate) until the server answers: its status line and the seconds it took."""
+    started = time.monotonic()
+    answer = b""
+    while time.monotonic() - started < within and sent < len(body):
+        await asyncio.sleep(0.2)
+        writer.write(body[sent:sent + 10])
+        sent += 10
+        try:
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readline(), 0.01)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if answer:
+            break
+    return answer, time.monotonic() - started
+
+
 async def test_one_client_cannot_take_every_body_slot(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, max_concurrent_chunks=4,
                                max_chunks_per_client=2, trusted_proxies=PROXY)
@@ -70,25 +91,9 @@ async def test_a_trickling_body_is_cut_off_and_not_counted(aiohttp_client, tmp_p
     parts = chunks_of(WAV, CHUNK)
     sid = (await create_session(client, "a.wav", WAV, CHUNK))["session_id"]
     reader, writer = await partial(client, sid, 0, parts[0], 10, "x")
-    started = time.monotonic()
-    sent = 10
-    answer = b""
-    while time.monotonic() - started < 5 and sent < len(parts[0]):
-        # a few bytes every 0.2 s: never silent for the idle deadline, but far below the rate
-        await asyncio.sleep(0.2)
-        writer.write(parts[0][sent:sent + 10])
-        sent += 10
-        try:
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.readline(), 0.01)
-        except TimeoutError:
-            continue
-        except OSError:
-            break
-        if answer:
-            break
+    answer, waited = await trickle(reader, writer, parts[0], 10, within=5)
     assert b" 408 " in answer, answer
-    assert time.monotonic() - started < 3
+    assert waited < 3
     head = b""
     while not head.endswith(b"\r\n\r\n"):
         head += await asyncio.wait_for(reader.readline(), 5)
@@ -227,22 +232,7 @@ async def test_a_body_that_sends_fast_then_trickles_is_cut_off_too(aiohttp_clien
     sid = (await create_session(client, "a.wav", WAV, CHUNK))["session_id"]
     sent = 15 * 1024
     reader, writer = await partial(client, sid, 0, parts[0], sent, "x")
-    started = time.monotonic()
-    answer = b""
-    while time.monotonic() - started < 6 and sent < len(parts[0]):
-        await asyncio.sleep(0.2)
-        writer.write(parts[0][sent:sent + 10])
-        sent += 10
-        try:
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.readline(), 0.01)
-        except TimeoutError:
-            continue
-        except OSError:
-            break
-        if answer:
-            break
-    waited = time.monotonic() - started
+    answer, waited = await trickle(reader, writer, parts[0], sent, within=6)
     writer.close()
     assert b" 408 " in answer, answer
     assert waited < 2.5, waited  # an average since the start would have allowed ~3.75 s

@@ -24,7 +24,17 @@ def subject_of(request: web.Request, *, websocket: bool = False) -> str | None:
     auth = request.app.get(AUTH)
     if auth is None:
         return None
-    return auth.subject(bearer_token(request.headers, request.query if websocket else None))
+    # Verified once per request (the rate limit, the owner check and the quota client all ask).
+    cached = request.get(_SUBJECT)
+    if cached is not None and cached[0] == websocket:
+        return cached[1]
+    subject = auth.subject(bearer_token(request.headers, request.query if websocket else None))
+    request[_SUBJECT] = (websocket, subject)
+    return subject
+
+
+#: Where a request keeps its verified subject (with the ``websocket`` flag it was read with).
+_SUBJECT = web.RequestKey("chunkd_subject", tuple[bool, str])
 
 
 def known_subject(request: web.Request) -> str | None:

@@ -17,7 +17,7 @@ from chunkd import __version__
 from chunkd import errors as E
 from chunkd.api.access import check_owner, owned_session, quota_client, subject_of
 from chunkd.api.body import RequestBody
-from chunkd.api.middleware import error_response, expect_handler
+from chunkd.api.middleware import BUSY_RETRY_AFTER, error_response, expect_handler
 from chunkd.core import quotas, uploads
 from chunkd.core.finalize import StillFinalizing, finalize
 from chunkd.handoff.whisperx import user_credential
@@ -78,7 +78,7 @@ async def create_session(request: web.Request) -> web.Response:
             "total_size": meta.total_size,
             "max_chunk_size": max_chunk_size(config, store.limits),
             "min_chunk_size": min_chunk_size(config, store.limits),
-            "expires_at": iso(min(meta.expires_at, meta.created_at + config.idle_session_ttl)),
+            "expires_at": iso(meta.open_until(config.idle_session_ttl)),
             "status": Phase.UPLOADING.value,
         },
         status=201,
@@ -157,7 +157,7 @@ async def put_chunk(request: web.Request) -> web.Response:
     client = quota_client(request, subject_of(request))
     if not slots.take(client):
         # Answered before the body is read; the connection is closed so it is never read.
-        busy = error_response(E.SERVER_BUSY(retry_after=2))
+        busy = error_response(E.SERVER_BUSY(retry_after=BUSY_RETRY_AFTER))
         busy.force_close()
         return busy
     try:

@@ -51,6 +51,14 @@ class SessionMeta:
         """Every chunk is ``chunk_size`` bytes; the last one holds the remainder."""
         return min(self.chunk_size, self.total_size - index * self.chunk_size)
 
+    def open_until(self, idle_ttl: float | None, last_write: float | None = None) -> float:
+        """When the session expires while open: the end of its lifetime, or earlier, ``idle_ttl``
+        after its bytes were last written (or its creation). The one rule for the replies, the
+        store and the sweeper."""
+        if idle_ttl is None:
+            return self.expires_at
+        return min(self.expires_at, (last_write or self.created_at) + idle_ttl)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -124,9 +132,9 @@ class SessionState:
     def expires_at(self, idle_ttl: float | None = None) -> float:
         """When the session expires: at the end of its lifetime, or, while it is open, earlier:
         ``idle_ttl`` after its last chunk (or its creation)."""
-        if idle_ttl is None or self.claim is not None:
+        if self.claim is not None:
             return self.meta.expires_at
-        return min(self.meta.expires_at, (self.last_write or self.meta.created_at) + idle_ttl)
+        return self.meta.open_until(idle_ttl, self.last_write)
 
     @property
     def received_bytes(self) -> int:

@@ -219,10 +219,10 @@ class FileSystemStore:
         if self.idle_ttl is None or meta.session_id in self._writing:
             return meta.expires_at
         try:
-            last = os.stat(self.layout.data(meta.session_id)).st_mtime
+            last: float | None = os.stat(self.layout.data(meta.session_id)).st_mtime
         except FileNotFoundError:
-            return meta.expires_at
-        return min(meta.expires_at, last + self.idle_ttl)  # as the sweeper reckons it
+            last = None
+        return meta.open_until(self.idle_ttl, last)
 
     def _meta(self, sid: str) -> SessionMeta:
         if not is_session_id(sid):
