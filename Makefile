@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint setup libmagic browser strace bench mutate clean
+.PHONY: run test lint setup libmagic browser strace tusclients bench mutate clean
 
 run: setup
 	$(BIN)/chunkd serve
 
-test: setup browser strace lint
+test: setup browser strace tusclients lint
 	$(BIN)/pytest
 
 # ruff (style, imports, bugbear) and mypy (strict for the store, the model and the errors).
@@ -19,7 +19,7 @@ lint: setup
 	$(BIN)/mypy
 
 # Remove one guarantee at a time (scripts/mutants.toml) and show that the suite goes red.
-mutate: setup browser strace
+mutate: setup browser strace tusclients
 	$(BIN)/python scripts/mutate.py --markdown docs/MUTATION.md
 
 setup: $(VENV)/.installed libmagic
@@ -43,6 +43,17 @@ bench: setup
 # The browser test needs Debian's chromium (installed when run as root).
 browser:
 	@./scripts/install-tool.sh chromium chromium "the browser test"
+
+# The real tus clients (tus-js-client, Uppy, and esbuild to bundle them for the browser), from
+# npm into tests/tus_clients/node_modules, at the versions its package-lock.json pins.
+TUS_CLIENTS := tests/tus_clients
+tusclients: $(TUS_CLIENTS)/node_modules/.installed
+
+$(TUS_CLIENTS)/node_modules/.installed: $(TUS_CLIENTS)/package.json $(TUS_CLIENTS)/package-lock.json
+	@./scripts/install-tool.sh node nodejs "the tus client tests"
+	@./scripts/install-tool.sh npm npm "the tus client tests"
+	cd $(TUS_CLIENTS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 # The durability test records syscalls with strace (installed when run as root).
 strace:
