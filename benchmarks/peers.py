@@ -8,28 +8,40 @@ into benchmarks/.peers/, never into chunkd's environment):
 
 Servers, each its own process on 127.0.0.1 and a free port, with a fresh data dir on the same disk:
 
-* chunkd --durable off (like the peers, which never fsync) and chunkd --durable on (its default),
+* chunkd's chunked API: chunkd --durable off (like the peers, which never fsync) and chunkd
+  --durable on (its default), sent by chunkd's own client,
+* chunkd's tus 1.0.0 path (``chunkd serve --tus-path /files/``), --durable off and on, sent by the
+  very same tus client code as the two peers (``tus_upload``: the same bytes, PATCH size and
+  concurrency), so chunkd ÷ peer is also measured on one protocol,
 * tuspyserver (``create_tus_router`` mounted in a FastAPI app, one uvicorn process with uvloop and
   httptools, as ``uvicorn[standard]`` installs them),
 * @tus/server + @tus/file-store on Node.js.
 
-Loads, the same bytes for every server (chunkd's ``GeneratedSource`` behind a real WAV header),
-50 MiB chunks:
+Loads, the same bytes for every server (chunkd's ``GeneratedSource`` behind a real WAV header, so
+chunkd's libmagic check accepts the finished file), 50 MiB chunks / PATCHes; every tus upload
+sends the same ``Upload-Metadata`` (``filename`` bench.wav, ``filetype`` audio/wav, a fresh
+``taskId`` UUID, as the WhisperX fork's frontend does):
 
 * ``1x``: one upload of ``--size-mib`` (2 GiB), chunks one after the other. tus is sequential
   within an upload (each PATCH carries the ``Upload-Offset`` the last one ended at); chunkd is
   measured the same way, and once more with its client's default of 4 chunks in flight.
 * ``4x``: four uploads of a quarter of that in parallel, each sequential.
 
-Measured: throughput (all bytes / first creation POST to last chunk acknowledged), the latency of
-every chunk request (PATCH / chunk POST; p50 and p95), the server's peak RSS (VmHWM of the server
-process and its children, read before it is stopped; a fresh process per measurement), the
-server's CPU time, and "finalize": for chunkd the ``POST .../finalize`` round trip; tus has no
-finalize, so for the peers it is how much longer the last PATCH of an upload took than its bytes
-take at the average speed of the upload's other PATCHes (the work they do at completion: tuspyserver runs its completion
-hook, a no-op here, after rewriting its .info file; @tus/server emits its finish event and runs
-``onUploadFinish``, none here; neither moves, copies nor checks the file). Every measurement is
-repeated ``--runs`` times, interleaved (one full round per run), and reported as the median.
+Measured: throughput (all bytes / first creation POST to last chunk acknowledged; for tus that
+includes the HEAD each upload sends after its last PATCH), the latency of every chunk request
+(PATCH / chunk POST; p50 and p95), the server's peak RSS (VmHWM of the server process and its
+children, read before it is stopped; a fresh process per measurement), the server's CPU time
+over the upload (also per GiB), and "finalize": for the chunked API the ``POST .../finalize``
+round trip (size check, libmagic, hand-off); tus has no finalize, so for every tus server
+(chunkd's included) it is how much longer the last PATCH of an upload took than its bytes take at
+the average speed of the upload's other PATCHes (the work done inside the last PATCH:
+tuspyserver runs its completion hook, a no-op here, after rewriting its .info file; @tus/server
+emits its finish event and runs ``onUploadFinish``, none here; neither moves, copies nor checks
+the file; chunkd starts its completion and answers without waiting for it). For chunkd's tus
+path also "hand-off": from the last PATCH's answer until the finished file is in
+``completed/<taskId>/`` (libmagic, the hand-off by rename), polled every 2 ms; the file's size and
+sampled bytes are then checked against the source. Every measurement is repeated ``--runs``
+times, interleaved (one full round per run), and reported as the median.
 
 A raw-write baseline (the same bytes written with plain Python in 50 MiB writes, no sync) runs in
 the same rounds, for chunkd / raw.
@@ -54,7 +66,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -89,13 +102,23 @@ INSTALL_TIMEOUT = 900.0          #: seconds, each pip / npm install
 REQUEST_TIMEOUT = 300.0          #: seconds, every HTTP request of the benchmark
 TUS = "1.0.0"
 
+HANDOFF_TIMEOUT = 60.0           #: seconds, from the last PATCH until chunkd's tus hand-off is done
+HANDOFF_POLL = 0.002             #: seconds between two looks for the handed-off file
+TUS_PATH = "/files/"             #: chunkd's tus base path here (its default; the peers' too)
+
 SERVERS = {
     "chunkd-off": "chunkd --durable off",
     "chunkd-on": "chunkd --durable on",
+    "chunkd-tus-off": "chunkd tus --durable off",
+    "chunkd-tus-on": "chunkd tus --durable on",
     "tuspyserver": "tuspyserver (uvicorn)",
     "tus-node": "@tus/server (Node)",
 }
 PEER_KINDS = ("tuspyserver", "tus-node")
+CHUNKED_KINDS = ("chunkd-off", "chunkd-on")       #: chunkd's chunked API, its own client
+CHUNKD_TUS_KINDS = ("chunkd-tus-off", "chunkd-tus-on")  #: chunkd's tus path, ``tus_upload``
+#: chunkd's tus row for each chunked row (the same --durable)
+TUS_OF = dict(zip(CHUNKED_KINDS, CHUNKD_TUS_KINDS, strict=True))
 
 
 # -- installing the peers (idempotent) ------------------------------------------------------------
@@ -198,11 +221,28 @@ class PeerServer(core.Server):
         raise ValueError(self.kind)
 
 
+class ChunkdTusServer(core.Server):
+    """``chunkd serve`` as for the chunked rows, its tus endpoint at ``--tus-path /files/``
+    (given explicitly, so a CHUNKD_TUS_PATH in the environment does not move it)."""
+
+    name = "chunkd (tus)"
+    url_suffix = TUS_PATH
+
+    def command(self) -> tuple[list[str], Path]:
+        cmd, cwd = super().command()
+        return [*cmd, "--tus-path", TUS_PATH], cwd
+
+    @property
+    def completed_dir(self) -> Path:
+        """Where the folder hand-off (chunkd's default) moves a finished upload."""
+        return self.data_dir / "completed"
+
+
 def make_server(kind: str, scratch: Path) -> Any:
-    if kind == "chunkd-off":
-        return core.Server(scratch, durable=False)
-    if kind == "chunkd-on":
-        return core.Server(scratch, durable=True)
+    if kind in CHUNKED_KINDS:
+        return core.Server(scratch, durable=kind == "chunkd-on")
+    if kind in CHUNKD_TUS_KINDS:
+        return ChunkdTusServer(scratch, durable=kind == "chunkd-tus-on")
     return PeerServer(kind, scratch)
 
 
@@ -245,6 +285,9 @@ class OneUpload:
     size: int
     latencies: list[float]     # seconds per chunk request, in order
     finalize: float            # seconds (see the module docstring)
+    seed: int = 0
+    task_id: str = ""          # the ``taskId`` sent in the tus metadata
+    handoff: asyncio.Task[tuple[float, Path]] | None = field(default=None, repr=False)
 
 
 def source_for(size: int, seed: int) -> GeneratedSource:
@@ -264,13 +307,38 @@ def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode("ascii")
 
 
-async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: int, seed: int
-                     ) -> OneUpload:
-    """tus 1.0: POST (creation) with Upload-Length, then PATCHes one after the other."""
+async def wait_for_handoff(completed: Path, task_id: str, since: float) -> tuple[float, Path]:
+    """Seconds from ``since`` until ``completed/<task_id>/upload.*`` exists (chunkd's folder
+    hand-off renames the finished file there), and that file; bounded by HANDOFF_TIMEOUT."""
+    folder = completed / task_id
+    deadline = since + HANDOFF_TIMEOUT
+    while True:
+        with contextlib.suppress(OSError):  # the folder is made just before the file moves in
+            for entry in os.scandir(folder):
+                if entry.name.startswith("upload."):
+                    return time.perf_counter() - since, Path(entry.path)
+        if time.perf_counter() > deadline:
+            seen = sorted(str(p.relative_to(completed)) for p in completed.rglob("*")) \
+                if completed.is_dir() else "no completed/ folder"
+            raise RuntimeError(f"chunkd tus: no hand-off of task {task_id} after "
+                               f"{HANDOFF_TIMEOUT:.0f} s (completed/ holds: {seen})")
+        await asyncio.sleep(HANDOFF_POLL)
+
+
+async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: int, seed: int,
+                     completed: Path | None = None,
+                     waits: list[asyncio.Task[tuple[float, Path]]] | None = None) -> OneUpload:
+    """tus 1.0: POST (creation) with Upload-Length, then PATCHes one after the other, then a HEAD.
+
+    The same requests for every tus server. With ``completed`` (chunkd's tus path), a task
+    started right after the last PATCH's answer waits for the hand-off (``OneUpload.handoff``,
+    also appended to ``waits``, so that the caller can cancel it if another upload fails)."""
     source = source_for(size, seed)
+    task_id = str(uuid.uuid4())
     async with http.post(url, headers={
         "Tus-Resumable": TUS, "Upload-Length": str(size), "Content-Length": "0",
-        "Upload-Metadata": f"filename {_b64(source.name)},filetype {_b64('audio/wav')}",
+        "Upload-Metadata": f"filename {_b64(source.name)},filetype {_b64('audio/wav')},"
+                           f"taskId {_b64(task_id)}",
     }) as resp:
         await resp.read()
         if resp.status != 201 or "Location" not in resp.headers:
@@ -278,6 +346,7 @@ async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: in
         location = urljoin(url, resp.headers["Location"])
     latencies: list[float] = []
     lengths: list[int] = []
+    handoff: asyncio.Task[tuple[float, Path]] | None = None
     offset = 0
     while offset < size:
         length = min(chunk, size - offset)
@@ -290,19 +359,45 @@ async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: in
             if resp.status != 204:
                 raise RuntimeError(f"tus PATCH @{offset} -> {resp.status}: {body[:300]!r}")
             got = int(resp.headers.get("Upload-Offset", -1))
-        latencies.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        latencies.append(t1 - t0)
         lengths.append(length)
+        if completed is not None and got == size:
+            handoff = asyncio.create_task(wait_for_handoff(completed, task_id, t1))
+            if waits is not None:
+                waits.append(handoff)
         if got != offset + length:
             raise RuntimeError(f"tus PATCH @{offset}+{length}: server says offset {got}")
         offset = got
     async with http.head(location, headers={"Tus-Resumable": TUS}) as resp:
         await resp.read()
-        if int(resp.headers.get("Upload-Offset", -1)) != size:
+        if resp.status != 200 or int(resp.headers.get("Upload-Offset", -1)) != size:
             raise RuntimeError(f"tus HEAD after upload: {resp.status} {dict(resp.headers)}")
     # The last PATCH minus what its bytes would have taken at the other PATCHes' average speed.
     extra = (latencies[-1] - sum(latencies[:-1]) / sum(lengths[:-1]) * lengths[-1]
              if len(latencies) > 1 else float("nan"))
-    return OneUpload(size, latencies, extra)
+    return OneUpload(size, latencies, extra, seed, task_id, handoff)
+
+
+SAMPLE = 64 * 1024  #: bytes compared at each of a few places of a handed-off file
+
+
+async def check_handed_off(path: Path, size: int, seed: int) -> None:
+    """The handed-off file has the upload's size and, at its start, end and a few places between
+    (every PATCH boundary would be too many reads for 2 GiB), the source's bytes."""
+    got = path.stat().st_size
+    if got != size:
+        raise RuntimeError(f"chunkd tus: handed-off {path.name} has {got} bytes, sent {size}")
+    source = source_for(size, seed)
+    places = sorted({0, max(0, size - SAMPLE), *(size * k // 5 for k in range(1, 5))})
+    with open(path, "rb") as f:
+        for at in places:
+            n = min(SAMPLE, size - at)
+            want = await core.source_bytes(source, at, n)
+            f.seek(at)
+            if f.read(n) != want:
+                raise RuntimeError(f"chunkd tus: handed-off {path.name} differs from the source "
+                                   f"in bytes {at}..{at + n}")
 
 
 @dataclass
@@ -314,6 +409,7 @@ class Measurement:
     hwm: int
     server_cpu: float
     client_cpu: float
+    handoff: list[float] = field(default_factory=list)  # chunkd tus: last PATCH .. file handed off
 
 
 async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_flight: int
@@ -325,7 +421,8 @@ async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_fli
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=timeout) as http:
             finalize: list[float] = []
-            if kind.startswith("chunkd"):
+            handoff: list[float] = []
+            if kind in CHUNKED_KINDS:
                 client = ChunkdClient(server.url, parallel=in_flight, chunk_size=chunk,
                                       retries=1, timeout=REQUEST_TIMEOUT, session=http)
                 t0 = time.perf_counter()
@@ -341,15 +438,33 @@ async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_fli
                     if doc.get("status") != "processing":
                         raise RuntimeError(f"unexpected finalize answer: {doc}")
             else:
+                completed = server.completed_dir if kind in CHUNKD_TUS_KINDS else None
+                waits: list[asyncio.Task[tuple[float, Path]]] = []
                 t0 = time.perf_counter()
-                ups = await asyncio.gather(*(tus_upload(http, server.url, s, chunk, i)
-                                             for i, s in enumerate(sizes)))
+                try:
+                    ups = await asyncio.gather(*(tus_upload(http, server.url, s, chunk, i,
+                                                            completed, waits)
+                                                 for i, s in enumerate(sizes)))
+                except BaseException:
+                    for t in waits:  # no hand-off is waited for once a measurement failed
+                        t.cancel()
+                    raise
                 seconds = time.perf_counter() - t0
                 cpu1, ccpu1 = tree_cpu(server.pid), time.process_time()
                 finalize = [u.finalize for u in ups]
+                try:
+                    for u in ups if completed is not None else []:
+                        if u.handoff is None:
+                            raise RuntimeError("chunkd tus: the last PATCH did not say complete")
+                        took, path = await u.handoff
+                        handoff.append(took)
+                        await check_handed_off(path, u.size, u.seed)
+                finally:
+                    for t in waits:
+                        t.cancel()  # a no-op for the ones already done
         hwm = tree_hwm(server.pid)
     return Measurement(seconds, sum(sizes), [x for u in ups for x in u.latencies], finalize, hwm,
-                       cpu1 - cpu0, ccpu1 - ccpu0)
+                       cpu1 - cpu0, ccpu1 - ccpu0, handoff)
 
 
 # -- the rounds ------------------------------------------------------------------------------------
@@ -371,8 +486,8 @@ def scenarios(size: int) -> list[Scenario]:
         Scenario("1x", f"1 upload of {human(size)}, chunks sequential", [size], 1, every),
         Scenario("4x", f"4 uploads of {human(quarter)} in parallel, each sequential",
                  [quarter] * 4, 1, every),
-        Scenario("1x-p4", f"1 upload of {human(size)}, 4 chunks in flight (chunkd only; "
-                 "tus cannot)", [size], 4, ("chunkd-off", "chunkd-on")),
+        Scenario("1x-p4", f"1 upload of {human(size)}, 4 chunks in flight (chunkd's chunked "
+                 "API only; a tus upload is sequential)", [size], 4, CHUNKED_KINDS),
     ]
 
 
@@ -389,6 +504,9 @@ def record(res: Results, key: str, m: Measurement) -> None:
     res.add(f"{key}:finalize", statistics.fmean(m.finalize) * 1000, "ms")
     res.add(f"{key}:hwm", m.hwm / MiB, "MiB")
     res.add(f"{key}:server_cpu", m.server_cpu, "CPU s")
+    res.add(f"{key}:server_cpu_gib", m.server_cpu / (m.total / GiB), "CPU s")
+    if m.handoff:
+        res.add(f"{key}:handoff", statistics.fmean(m.handoff) * 1000, "ms")
     res.add(f"{key}:client_cpu", m.client_cpu, "CPU s")
     res.add(f"{key}:chunks", len(m.latencies), "n")
 
@@ -423,6 +541,8 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
                         f"  chunk p50 {pct(m.latencies, 50) * 1000:6.1f} ms"
                         f" p95 {pct(m.latencies, 95) * 1000:6.1f} ms"
                         f"  finalize {statistics.fmean(m.finalize) * 1000:6.1f} ms"
+                        + (f" (hand-off {statistics.fmean(m.handoff) * 1000:.1f} ms)"
+                           if m.handoff else "") +
                         f"  VmHWM {m.hwm / MiB:6.1f} MiB  server CPU {m.server_cpu:5.2f} s"
                         f"  client CPU {m.client_cpu:5.2f} s")
     finally:
@@ -441,6 +561,50 @@ def _f(v: float, unit: str) -> str:
     if unit == "MiB":
         return f"{v:.1f}"
     return f"{v:.0f}"
+
+
+def ratio_text(a: float, b: float) -> str:
+    return "n/a" if a != a or b != b or b == 0 else f"{a / b:.2f} x"
+
+
+def same_protocol(doc: dict[str, Any]) -> list[str]:
+    """chunkd's tus path ÷ each peer, and chunkd's chunked API ÷ its tus path: one table of
+    throughput ratios (of the medians, then per round: the rounds are interleaved)."""
+    r = doc["results"]
+    size = doc["size_bytes"]
+    cols = [("1x", f"1 x {human(size)}"), ("4x", f"4 x {human(size // 4)} in parallel")]
+    pairs = [(t, p) for t in CHUNKD_TUS_KINDS for p in PEER_KINDS]
+    pairs += [(c, TUS_OF[c]) for c in CHUNKED_KINDS]
+
+    def cell(sc: str, a: str, b: str) -> str:
+        ka, kb = f"{sc}:{a}:mbps", f"{sc}:{b}:mbps"
+        if ka not in r or kb not in r:
+            return "n/a"
+        ma, mb = r[ka]["median"], r[kb]["median"]
+        text = f"**{ma / mb:.2f} x** ({ma:.0f} ÷ {mb:.0f} MB/s)"
+        if len(r[ka]["runs"]) > 1 and len(r[ka]["runs"]) == len(r[kb]["runs"]):
+            text += " [" + ", ".join(f"{x / y:.2f}" for x, y in zip(r[ka]["runs"], r[kb]["runs"],
+                                                                      strict=True)) + "]"
+        return text
+
+    rows = [(a, b) for a, b in pairs if any(f"{sc}:{a}:mbps" in r and f"{sc}:{b}:mbps" in r
+                                            for sc, _ in cols)]
+    if not rows:
+        return []
+    out = ["| throughput ratio, same bytes, PATCH / chunk size and concurrency | "
+           + " | ".join(label for _, label in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for a, b in rows:
+        out.append(f"| {SERVERS[a]} ÷ {SERVERS[b]} | "
+                   + " | ".join(cell(sc, a, b) for sc, _ in cols) + " |")
+    out.append("")
+    out.append("The first four rows are one protocol: the same tus client code (a creation POST "
+               "with `Upload-Length`, then the PATCHes one after the other, then a HEAD) sends "
+               "the same bytes to chunkd's tus path and to each peer. The last two compare "
+               "chunkd's two APIs on one server build and the same `--durable` (chunked: its own "
+               "client, no checksums, one chunk in flight per upload, like tus)."
+               + (" Per-round ratios in brackets." if doc["runs"] > 1 else "") + "\n")
+    return out
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -468,39 +632,59 @@ def report(doc: dict[str, Any]) -> str:
         "; one uvicorn process |")
     out.append("| @tus/server | " + ", ".join(f"{k} {v[k]}" for k in (
         "@tus/server", "@tus/file-store", "node") if k in v) + "; one node process |")
+    if any(f"{sc}:{kind}:mbps" in r for sc in ("1x", "4x") for kind in CHUNKD_TUS_KINDS):
+        commit = doc.get("machine", {}).get("chunkd commit", "?")
+        out.append(f"| chunkd (tus) | chunkd {commit}, `chunkd serve --tus-path {TUS_PATH}` "
+                   "(the same server as the chunked rows), the folder hand-off; one process |")
     out.append("")
+    sp = same_protocol(doc)
+    if sp:
+        out.append("### Same protocol: chunkd's tus path vs the peers\n")
+        out.extend(sp)
     for sc in scenarios(size):
         out.append(f"### {sc.label}\n")
         out.append("| server | throughput | runs | chunkd off ÷ this | chunkd on ÷ this | "
-                   "this ÷ raw | chunk p50 | chunk p95 | finalize* | peak RSS (VmHWM) | "
-                   "server CPU s | client CPU s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        ref = med(f"{sc.key}:chunkd-off:mbps")
-        ref_on = med(f"{sc.key}:chunkd-on:mbps")
+                   "chunkd tus off ÷ this | chunkd tus on ÷ this | this ÷ raw | chunk p50 | "
+                   "chunk p95 | finalize* | hand-off** | peak RSS (VmHWM) | server CPU s | "
+                   "server CPU s/GiB | client CPU s |")
+        out.append("|---|" + "---|" * 15)
+        refs = [med(f"{sc.key}:{kind}:mbps") for kind in (*CHUNKED_KINDS, *CHUNKD_TUS_KINDS)]
         for kind in sc.kinds:
             k = f"{sc.key}:{kind}"
             if f"{k}:mbps" not in r:
                 continue
             mbps = med(f"{k}:mbps")
+            handoff = f"{_f(med(k + ':handoff'), 'ms')} ms" if f"{k}:handoff" in r else ""
             out.append(
                 f"| {SERVERS[kind]} | {mbps:.0f} MB/s | [{runs(k + ':mbps')}] | "
-                f"{ref / mbps:.2f} x | {ref_on / mbps:.2f} x | {mbps / med('raw:write'):.2f} x | "
+                + "".join(f"{ratio_text(ref, mbps)} | " for ref in refs)
+                + f"{mbps / med('raw:write'):.2f} x | "
                 f"{_f(med(k + ':p50'), 'ms')} ms | {_f(med(k + ':p95'), 'ms')} ms | "
-                f"{_f(med(k + ':finalize'), 'ms')} ms | {med(k + ':hwm'):.1f} MiB | "
-                f"{med(k + ':server_cpu'):.2f} | {med(k + ':client_cpu'):.2f} |")
+                f"{_f(med(k + ':finalize'), 'ms')} ms | {handoff} | {med(k + ':hwm'):.1f} MiB | "
+                f"{med(k + ':server_cpu'):.2f} | {_f(med(k + ':server_cpu_gib'), 'CPU s')} | "
+                f"{med(k + ':client_cpu'):.2f} |")
         out.append("")
-    out.append("\\* finalize: chunkd, the `POST /finalize` round trip (checks every chunk, the size "
-               "and libmagic, hands the file off; per upload, one after the other once all "
-               "uploads are done). tus has no finalize step: the figure is how much longer the "
-               "last PATCH of an upload took than its bytes take at the average speed of the "
-               "upload's other PATCHes (tuspyserver "
-               "rewrites its .info JSON and calls its completion hook, a no-op here; @tus/server "
-               "writes its .json config entry and emits its finish event; neither checks, moves "
-               "or copies the file). Near zero or negative: nothing measurable happens at completion.\n")
-    out.append("Peak RSS: VmHWM of the server process plus its children (none for these three), "
+    out.append("\\* finalize: chunkd's chunked API, the `POST /finalize` round trip (checks every "
+               "chunk, the size and libmagic, hands the file off; per upload, one after the other "
+               "once all uploads are done). tus has no finalize step: for every tus server, "
+               "chunkd's tus path included, the figure is how much longer the last PATCH of an "
+               "upload took than its bytes take at the average speed of the upload's other "
+               "PATCHes (tuspyserver rewrites its .info JSON and calls its completion hook, a "
+               "no-op here; @tus/server writes its .json config entry and emits its finish event; "
+               "neither checks, moves or copies the file; chunkd starts its completion, libmagic "
+               "and the hand-off, and answers the PATCH without waiting for it). Near zero or "
+               "negative: nothing measurable happens inside the last PATCH.\n")
+    out.append("\\*\\* hand-off (chunkd's tus path only): from the last PATCH's answer until "
+               "the finished file is in `completed/<taskId>/` (the same libmagic check and "
+               "hand-off by rename as `finalize`; the `taskId` is the one the upload's "
+               "`Upload-Metadata` carries), polled every 2 ms while the upload's HEAD runs; "
+               "afterwards the file's size and sampled bytes are checked against the source. "
+               "The peers hand nothing off.\n")
+    out.append("Peak RSS: VmHWM of the server process plus its children (none for any of them), "
                "a fresh process per measurement, read right before it is stopped. CPU: user + "
-               "system seconds of the server tree / of the client (this script, same 2 cores) "
-               "over the upload.\n")
+               "system seconds of the server tree / of the client (this script, same cores) "
+               "over the upload (creation to the last chunk or PATCH and, for tus, its HEAD); "
+               "s/GiB divides by the bytes uploaded.\n")
     return "\n".join(out)
 
 

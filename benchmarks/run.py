@@ -74,41 +74,63 @@ def headline(pdoc: dict, cdoc: dict) -> list[str]:
                f"{raw:.0f} MB/s.\n")
     out.append(f"| server | 1 x {core.human(size)} MB/s | chunkd off ÷ this | chunkd on ÷ this | "
                f"4 x {core.human(size // 4)} parallel MB/s | chunkd off ÷ this | chunkd on ÷ this | "
-               "chunk p50 / p95 (1 x) | finalize* (1 x) | peak RSS (1 x / 4 x) |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "chunk p50 / p95 (1 x) | finalize* (1 x) | peak RSS (1 x / 4 x) | "
+               "server CPU s/GiB (1 x / 4 x) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    ratio = peers.ratio_text  # one formatting rule for both reports
+
+    def finalize(k: str) -> str:
+        text = f"{med(k + ':finalize'):.1f} ms"
+        if k + ":handoff" in r:
+            text += f" + {med(k + ':handoff'):.1f} ms hand-off**"
+        return text
+
     for kind, label in peers.SERVERS.items():
         a, b = f"1x:{kind}", f"4x:{kind}"
         if f"{a}:mbps" not in r:
             continue
         ra, rb = med(f"{a}:mbps"), med(f"{b}:mbps")
         out.append(
-            f"| {label} | {ra:.0f} | {med('1x:chunkd-off:mbps') / ra:.2f} x | "
-            f"{med('1x:chunkd-on:mbps') / ra:.2f} x | {rb:.0f} | "
-            f"{med('4x:chunkd-off:mbps') / rb:.2f} x | {med('4x:chunkd-on:mbps') / rb:.2f} x | "
-            f"{med(a + ':p50'):.0f} / {med(a + ':p95'):.0f} ms | {med(a + ':finalize'):.1f} ms | "
-            f"{med(a + ':hwm'):.0f} / {med(b + ':hwm'):.0f} MiB |")
-    for kind in ("chunkd-off", "chunkd-on"):
+            f"| {label} | {ra:.0f} | {ratio(med('1x:chunkd-off:mbps'), ra)} | "
+            f"{ratio(med('1x:chunkd-on:mbps'), ra)} | {rb:.0f} | "
+            f"{ratio(med('4x:chunkd-off:mbps'), rb)} | {ratio(med('4x:chunkd-on:mbps'), rb)} | "
+            f"{med(a + ':p50'):.0f} / {med(a + ':p95'):.0f} ms | {finalize(a)} | "
+            f"{med(a + ':hwm'):.0f} / {med(b + ':hwm'):.0f} MiB | "
+            f"{med(a + ':server_cpu_gib'):.2f} / {med(b + ':server_cpu_gib'):.2f} |")
+    for kind in peers.CHUNKED_KINDS:
         k = f"1x-p4:{kind}:mbps"
         if k in r:
             out.append(f"| {peers.SERVERS[kind]}, 4 chunks in flight | {med(k):.0f} | | | | | | "
                        f"{med(f'1x-p4:{kind}:p50'):.0f} / {med(f'1x-p4:{kind}:p95'):.0f} ms | "
                        f"{med(f'1x-p4:{kind}:finalize'):.1f} ms | "
-                       f"{med(f'1x-p4:{kind}:hwm'):.0f} MiB |")
+                       f"{med(f'1x-p4:{kind}:hwm'):.0f} MiB | "
+                       f"{med(f'1x-p4:{kind}:server_cpu_gib'):.2f} |")
     out.append("")
+    if any(k.endswith(":handoff") for k in r):
+        out.append("\\*\\* chunkd's tus path answers the last PATCH before its completion "
+                   "(libmagic, hand-off) is done; the hand-off figure is how long after that "
+                   "answer the file was in `completed/`. The chunked API's finalize round trip "
+                   "includes both.\n")
     out.append("chunkd ÷ raw write (same rounds): " + ", ".join(
         f"{peers.SERVERS[kind]} {sc}: {med(f'{sc}:{kind}:mbps') / raw:.2f} x"
-        for kind in ("chunkd-off", "chunkd-on") for sc in ("1x", "4x", "1x-p4")
+        for kind in (*peers.CHUNKED_KINDS, *peers.CHUNKD_TUS_KINDS) for sc in ("1x", "4x", "1x-p4")
         if f"{sc}:{kind}:mbps" in r) + ".\n")
-    verdict = []
-    for kind in peers.PEER_KINDS:
-        for sc in ("1x", "4x"):
-            if f"{sc}:{kind}:mbps" not in r:
-                continue
-            ratio = med(f"{sc}:chunkd-off:mbps") / med(f"{sc}:{kind}:mbps")
-            verdict.append(f"{peers.SERVERS[kind]} {sc}: {ratio:.2f} x "
-                           f"({'≥' if ratio >= 1.5 else '<'} 1.5)")
-    out.append("chunkd --durable off (no fsync, like both peers) ÷ peer: " + "; ".join(verdict)
-               + ".\n")
+    for mine in ("chunkd-off", "chunkd-tus-off"):
+        verdict = []
+        for kind in peers.PEER_KINDS:
+            for sc in ("1x", "4x"):
+                if f"{sc}:{kind}:mbps" not in r or f"{sc}:{mine}:mbps" not in r:
+                    continue
+                x = med(f"{sc}:{mine}:mbps") / med(f"{sc}:{kind}:mbps")
+                verdict.append(f"{peers.SERVERS[kind]} {sc}: {x:.2f} x "
+                               f"({'≥' if x >= 1.5 else '<'} 1.5)")
+        if verdict:
+            out.append(f"{peers.SERVERS[mine]} (no fsync, like both peers) ÷ peer: "
+                       + "; ".join(verdict) + ".\n")
+    sp = peers.same_protocol(pdoc)
+    if sp:
+        out.append("### Same protocol (tus): chunkd vs the peers\n")
+        out.extend(sp)
     res = core_results(cdoc)
     if core.auth_rows(res):
         out.append(f"chunkd {core.AUTH_LABEL} ÷ auth off (core.py, {core.human(cdoc['size_bytes'])}, "
@@ -176,9 +198,14 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
             if f"{sc}:{kind}:mbps" not in r:
                 continue
             peer = pm(f"{sc}:{kind}:mbps")
-            for mode in ("off", "on"):
-                v = pm(f"{sc}:chunkd-{mode}:mbps")
-                ratio_row(f"chunkd --durable {mode} ÷ {peers.SERVERS[kind]}, {label}",
+            for mine, what in (("chunkd-off", "chunkd --durable off"),
+                               ("chunkd-on", "chunkd --durable on"),
+                               ("chunkd-tus-off", "chunkd tus --durable off (same protocol)"),
+                               ("chunkd-tus-on", "chunkd tus --durable on (same protocol)")):
+                if f"{sc}:{mine}:mbps" not in r:
+                    continue
+                v = pm(f"{sc}:{mine}:mbps")
+                ratio_row(f"{what} ÷ {peers.SERVERS[kind]}, {label}",
                           v / peer, 1.5, f"{v:.0f} ÷ {peer:.0f} MB/s")
         ours, theirs = pm("1x:chunkd-on:finalize"), pm(f"1x:{kind}:finalize")
         met = ours < theirs
@@ -201,7 +228,9 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
                "a small .info/.json file at completion; they neither check nor move the file), so "
                "it is about 0 ± noise. chunkd's is the `POST /finalize` round trip with --durable "
                "on (size check, libmagic, hand-off by rename). Against the seed's design "
-               "(concatenate + fsync) see the finalize table in the core section.\n")
+               "(concatenate + fsync) see the finalize table in the core section. The rows "
+               "marked *same protocol* send the very same tus requests (bytes, PATCH size, "
+               "concurrency) to chunkd's tus path as to the peer.\n")
     return out
 
 
@@ -215,8 +244,8 @@ def write_markdown(path: Path, pdoc: dict, cdoc: dict, command: str, png: str | 
     out = ["# chunkd benchmarks\n"]
     out.append(f"Produced by `{command}` (`make bench` runs it without flags), {time.strftime('%Y-%m-%d %H:%M %Z')}. "
                "Scripts: `benchmarks/run.py` runs `benchmarks/core.py` (raw disk vs chunkd, "
-               "finalize, memory) and then `benchmarks/peers.py` (chunkd vs tuspyserver and "
-               "@tus/server), one after the other on an otherwise idle machine; the peers are "
+               "finalize, memory) and then `benchmarks/peers.py` (chunkd's chunked API and its tus "
+               "path vs tuspyserver and @tus/server), one after the other on an otherwise idle machine; the peers are "
                "installed in `benchmarks/.peers/`, never into chunkd's environment. Client and "
                "servers share the machine's cores, over 127.0.0.1.\n")
     out.append("| machine | |")

@@ -13,6 +13,7 @@ from chunkd.api.cors import cors_middleware
 from chunkd.api.middleware import errors_middleware, quiet_client_faults, server_header
 from chunkd.api.ratelimit import RateLimiter, rate_limit_middleware
 from chunkd.api.static import routes as static_routes
+from chunkd.api.tus import add_routes as add_tus_routes
 from chunkd.api.uploads import routes as upload_routes
 from chunkd.api.ws import routes as ws_routes
 from chunkd.api.ws_proxy import Relay, service_ws_url
@@ -105,6 +106,8 @@ def make_app(config: Config, store: SessionStore | None = None) -> web.Applicati
     app.add_routes(upload_routes)
     app.add_routes(static_routes)
     app.add_routes(ws_routes)
+    if config.tus_path:
+        add_tus_routes(app, config.tus_path)
     app.cleanup_ctx.append(_background_ctx)
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(server_header)

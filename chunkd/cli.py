@@ -63,6 +63,7 @@ _HELP = {
     "max_connections_per_address": "of those, most from one address that is not a trusted "
     "proxy (default 128; 0 no cap)",
     "keepalive_timeout": "close an idle keep-alive connection after (default 75s)",
+    "tus_path": "where tus 1.0 is served, e.g. /uploads/files/ for the WhisperX fork's frontend; off: no tus (default /files/)",
     "cors_origins": "comma-separated browser origins allowed to call chunkd, or * (default none)",
     "handoff": "where finished files go: folder | whisperx | command (default folder)",
     "whisperx_url": "WhisperX FastAPI base URL, e.g. http://127.0.0.1:8000",
@@ -169,6 +170,9 @@ def describe(config: Config, url: str) -> str:
         f"{_human(config.max_chunk_size)} max",
         f"  files        {_human(config.max_file_size)} max, "
         f"extensions: {', '.join(sorted(config.allowed_extensions))}",
+        f"  tus 1.0      "
+        + (f"{url.rstrip('/')}{config.tus_path} (PATCH bodies up to "
+           f"{_human(config.max_chunk_size)})" if config.tus_path else "off"),
         f"  sessions     expire after {_duration(config.session_ttl)}, swept every "
         f"{_duration(config.sweep_interval)}",
         f"  durability   {'fdatasync every chunk' if config.durable else 'off (no fsync)'}",

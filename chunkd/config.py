@@ -126,6 +126,9 @@ class Config:
     keepalive_timeout: float = 75.0
     #: A chunk body that sends nothing for this long is cut off with 408 (slow-loris guard).
     body_timeout: float = 60.0
+    #: Where tus 1.0 is served (creation: ``POST <tus_path>``, uploads at ``<tus_path><id>``);
+    #: the WhisperX fork's frontend uses ``/uploads/files/``. Empty: no tus.
+    tus_path: str = "/files/"
     #: Browser origins allowed to call chunkd (CORS), e.g. ``http://localhost:5173``; ``*`` any.
     cors_origins: frozenset[str] = frozenset()
     #: Seconds between WebSocket heartbeats (well inside Cloudflare's 100 s idle cut-off).
@@ -239,6 +242,12 @@ class Config:
             raise ConfigError("body timeout must be positive")
         if not 0 < self.heartbeat_interval <= 90:
             raise ConfigError("heartbeat interval must be between 0 and 90 s (Cloudflare cuts at 100 s)")
+        if self.tus_path:
+            if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", self.tus_path):
+                raise ConfigError(f"tus path must look like /files/ (slashes around plain path "
+                                  f"parts), not {self.tus_path!r}")
+            if self.tus_path.split("/")[1] in ("upload", "ws", "static", "healthz"):
+                raise ConfigError(f"tus path {self.tus_path} would hide chunkd's own routes")
         if self.handoff not in ("folder", "whisperx", "command"):
             raise ConfigError(f"handoff must be folder, whisperx or command, not {self.handoff!r}")
         if self.handoff == "whisperx" and not re.match(r"https?://[^/]", self.whisperx_url or ""):
@@ -381,6 +390,8 @@ PARSERS: dict[str, Any] = {
     "max_connections": parse_int,
     "max_connections_per_address": parse_int,
     "keepalive_timeout": parse_duration,
+    "tus_path": lambda text: "" if text.strip().lower() in ("", "off", "none") else (
+        "/" + text.strip().strip("/") + "/"),
     "cors_origins": lambda text: frozenset(o.strip() for o in text.split(",") if o.strip()),
     "handoff": str,
     "whisperx_url": str,

@@ -206,6 +206,44 @@ STORAGE_UNAVAILABLE = _e("storage_unavailable", 503,
                          "the data dir cannot be written right now (read-only or failing); "
                          "retry later")
 INSUFFICIENT_STORAGE = _e("insufficient_storage", 507, "not enough disk space: {reason}")
+# -- tus 1.0 (the statuses tus clients act on: 409 and 423 are retried, other 4xx are not,
+#    5xx are retried, except on HEAD, where tus-js-client starts over: never 5xx there) -------
+TUS_VERSION_UNSUPPORTED = _e("tus_version_unsupported", 412,
+                             "send Tus-Resumable: 1.0.0 (the tus version this server speaks)")
+UPLOAD_LOCKED = _e("upload_locked", 423,
+                   "another request is writing this upload right now; retry in a moment")
+RETRY_LATER = _e("retry_later", 423, "{reason}; retry in a moment")
+OFFSET_MISMATCH = _e("offset_mismatch", 409,
+                     "Upload-Offset must be {offset}, the bytes received so far")
+INVALID_OFFSET = _e("invalid_offset", 400, "Upload-Offset must be a non-negative integer")
+INVALID_LENGTH = _e("invalid_length", 400, "{reason}")
+UPLOAD_TOO_LARGE = _e("upload_too_large", 413,
+                      "Upload-Length is over the limit of {max_size} bytes (Tus-Max-Size)")
+PATCH_TOO_LARGE = _e("patch_too_large", 413,
+                     "a PATCH body may be at most {max_patch_size} bytes; send smaller PATCHes "
+                     "(tus-js-client: chunkSize, tuspy: chunk_size)")
+SIZE_EXCEEDED = _e("size_exceeded", 413,
+                   "the body goes past the end of the upload ({length} bytes)")
+INVALID_METADATA = _e("invalid_metadata", 400, "Upload-Metadata: {reason}")
+INVALID_TASK_ID = _e("invalid_task_id", 422, "the metadata taskId must be a UUID")
+TASK_ID_IN_USE = _e("task_id_in_use", 422, "task id {task_id} is taken; choose a new one")
+INVALID_UPLOAD_CHECKSUM = _e("invalid_upload_checksum", 400,
+                             "Upload-Checksum must be '<algorithm> <base64 digest>' with an "
+                             "algorithm of {supported}")
+UPLOAD_CHECKSUM_MISMATCH = _e("upload_checksum_mismatch", 460,
+                              "the PATCH body does not match its Upload-Checksum; none of it "
+                              "was kept")
+BODY_STALLED = _e("body_stalled", 503,
+                  "the body stopped ({reason}); the upload keeps the {offset} bytes it has: ask "
+                  "HEAD for the offset and go on")
+INVALID_CONCAT = _e("invalid_concat", 400, "Upload-Concat: {reason}")
+PARTIAL_INCOMPLETE = _e("partial_incomplete", 400,
+                        "partial upload {upload_id} has {offset} of its {length} bytes")
+PARTIAL_IN_USE = _e("partial_in_use", 409,
+                    "partial upload {upload_id} is part of another final upload")
+PARTIAL_GONE = _e("partial_gone", 410, "the bytes of partial upload {upload_id} are gone")
+FINAL_UPLOAD = _e("final_upload", 403,
+                  "a final (concatenated) upload is whole when it is made; it takes no PATCH")
 # -- hand-off failures (a task's final error, never an HTTP reply) ------------------------------
 PROCESSING_FAILED = _e("processing_failed", 500, "processing failed")
 SUBMISSION_INTERRUPTED = _e(

@@ -58,7 +58,8 @@ def upload_message(state: SessionState) -> dict[str, Any]:
         "session_id": meta.session_id,
         "uploaded_chunks": received,
         "total_chunks": meta.total_chunks,
-        "percentage": int(received * 100 / meta.total_chunks),
+        "percentage": (int(state.received_bytes * 100 / meta.total_size) if meta.total_size
+                       else int(received * 100 / meta.total_chunks)),
         "uploaded_bytes": state.received_bytes,
         "total_bytes": meta.total_size,
         "timestamp": now_iso(),
@@ -253,8 +254,8 @@ class ProgressHub:
 
     def _round(self, watch: _Watch, state: SessionState, result: Any = None) -> None:
         upload = upload_message(state)
-        upload_changed = upload["uploaded_chunks"] != watch.upload_key
-        watch.upload_key = upload["uploaded_chunks"]
+        upload_changed = upload["uploaded_bytes"] != watch.upload_key
+        watch.upload_key = upload["uploaded_bytes"]
         news, pos = task_messages(state, watch.task_pos, result)
         watch.task_pos = pos
         final = final_message(state, result) is not None

@@ -15,6 +15,7 @@ buffer plus the slots times the large one.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -36,6 +37,10 @@ class RequestBody:
         self._min_rate = min_rate
         self._loop = asyncio.get_running_loop()
 
+    def stop(self, exc: BaseException) -> None:
+        """Make the body's next read raise ``exc`` (a reader waiting now wakes up with it)."""
+        self._content.set_exception(exc)
+
     async def _next(self) -> bytes:
         """The next network piece (b"" at the end), within the idle deadline."""
         try:
@@ -43,7 +48,9 @@ class RequestBody:
         except TimeoutError:
             raise E.BODY_TIMEOUT(seconds=self._idle) from None
 
-    async def _each(self, length: int, index: int, sink: RangeWriter | None) -> None:
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body's network pieces as they come, within the idle deadline and the minimum
+        rate (408 ``body_timeout`` / ``body_too_slow``)."""
         total = 0
         # The rate is checked per window of ``idle_timeout`` seconds, not on average since the
         # start: a body cannot send fast first and then trickle for hours.
@@ -57,6 +64,12 @@ class RequestBody:
                     raise E.BODY_TOO_SLOW(min_rate=self._min_rate, received_bytes=total,
                                           seconds=round(elapsed))
                 window_start, window_bytes = self._loop.time(), 0
+            yield data
+
+    async def _each(self, length: int, index: int, sink: RangeWriter | None) -> None:
+        total = 0
+        async for data in self.pieces():
+            total += len(data)
             if total > length:
                 raise E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=length)
             if sink is not None:

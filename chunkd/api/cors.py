@@ -9,10 +9,15 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-ALLOW_HEADERS = "Content-Type, Content-Encoding, X-Chunk-Checksum, Authorization, X-CSRF-Token, X-WhisperX-Authorization"
-ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-#: Answer headers a page on another origin may read (``*`` would not count with credentials).
-EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
+from chunkd.api import tus_wire
+
+ALLOW_HEADERS = ", ".join((
+    "Content-Type", "Content-Encoding", "X-Chunk-Checksum", "Authorization", "X-CSRF-Token",
+    "X-WhisperX-Authorization", *tus_wire.REQUEST_HEADERS))
+ALLOW_METHODS = "GET, POST, HEAD, PATCH, DELETE, OPTIONS"
+#: Answer headers a page on another origin may read, by name (``*`` would not count with
+#: credentials): chunkd's own, and tus's (tus-js-client reads Location, Upload-Offset, ...).
+EXPOSE_HEADERS = ", ".join(("Retry-After", "WWW-Authenticate", *tus_wire.EXPOSE_HEADERS))
 
 
 def cors_middleware(origins: frozenset[str]) -> Middleware:

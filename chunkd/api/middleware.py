@@ -17,7 +17,9 @@ from aiohttp.web_request import BaseRequest
 
 from chunkd import errors as E
 from chunkd.api.access import address_key, trusted
+from chunkd.api.tus_wire import add_tus_headers, for_tus_client, is_tus, method_of
 from chunkd.errors import ChunkdError, ErrorCode
+from chunkd.keys import CONFIG
 
 log = logging.getLogger("chunkd")
 
@@ -71,48 +73,62 @@ def _aiohttp_error(status: int, message: str, other: ErrorCode = E.HTTP_ERROR) -
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as JSON; on the tus path also as a tus client must see it (``Tus-Resumable``,
+    and statuses it acts on rightly: :func:`chunkd.api.tus_wire.for_tus_client`)."""
+    tus = is_tus(request, request.app[CONFIG].tus_path)
     try:
-        return await handler(request)
-    except ChunkdError as exc:
-        if exc.status >= 500 and exc.status != 507:
-            log.error("%s %s: %s", request.method, request.path, exc.message)
-        resp = error_response(exc)
-        if exc.status == 408:  # a body too slow or silent: the rest of it is not waited for
-            resp.force_close()
-        return resp
+        resp = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = error_response(_aiohttp_error(exc.status, exc.reason))
+        resp = _render(request, _aiohttp_error(exc.status, exc.reason), tus)
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             resp.headers["Allow"] = exc.headers["Allow"]
-        return resp
-    except (HttpProcessingError, RequestPayloadError) as exc:
+    except Exception as exc:  # noqa: BLE001 (every error gets an answer; unknown ones a 500)
+        resp = _render(request, _as_error(request, exc), tus)
+    if tus and not resp.prepared:
+        add_tus_headers(resp, resp.status)
+    return resp
+
+
+def _render(request: web.Request, exc: ChunkdError, tus: bool) -> web.Response:
+    if tus:
+        exc = for_tus_client(method_of(request), exc)
+    if exc.status >= 500 and exc.status != 507 and exc.code != "internal_error":
+        log.error("%s %s: %s", request.method, request.path, exc.message)
+    resp = error_response(exc)
+    if exc.status == 408 or exc.code in ("invalid_body", "body_stalled", "server_busy"):
+        # A body too slow, silent, unreadable or not read at all (busy): the rest of it is not
+        # waited for, so the client must not reuse the connection.
+        resp.force_close()
+    return resp
+
+
+def _as_error(request: web.Request, exc: Exception) -> ChunkdError:
+    """Any exception a handler raised, as one of the table's errors (logged once)."""
+    if isinstance(exc, ChunkdError):
+        return exc
+    if isinstance(exc, HttpProcessingError | RequestPayloadError):
         # The body could not be decoded (bad Content-Encoding, broken chunked framing, ...).
         log.info("%s %s: unreadable body (%s)", request.method, request.path, exc)
-        resp = error_response(E.INVALID_BODY())
-        resp.force_close()  # the rest of the stream is unusable: tell the client not to reuse it
-        return resp
-    except OSError as exc:
+        return E.INVALID_BODY()
+    if isinstance(exc, OSError):
         if isinstance(exc, ConnectionError):
             # The client went away mid-body; nothing was counted and nobody is left to answer.
             log.info("%s %s: client disconnected (%s)", request.method, request.path, exc)
-            return error_response(E.CLIENT_DISCONNECTED())
+            return E.CLIENT_DISCONNECTED()
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             log.warning("%s %s: out of file descriptors", request.method, request.path)
-            return error_response(E.SERVER_BUSY(retry_after=5))
+            return E.SERVER_BUSY(retry_after=5)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.warning("%s %s: the data dir is full", request.method, request.path)
-            return error_response(E.INSUFFICIENT_STORAGE(reason="the disk is full"))
+            return E.INSUFFICIENT_STORAGE(reason="the disk is full")
         if exc.errno in (errno.EROFS, errno.EIO):
             log.error("%s %s: the data dir cannot be written (%s)", request.method, request.path,
                       exc.strerror)
-            return error_response(E.STORAGE_UNAVAILABLE(retry_after=30))
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(E.INTERNAL_ERROR())
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(E.INTERNAL_ERROR())
+            return E.STORAGE_UNAVAILABLE(retry_after=30)
+    log.exception("%s %s failed", request.method, request.path)
+    return E.INTERNAL_ERROR()
 
 
 #: Seconds a client turned away for being over a connection cap is asked to wait.

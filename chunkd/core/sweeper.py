@@ -23,6 +23,10 @@ def sweep_reason(state: SessionState, now: float, busy_grace: float = BUSY_GRACE
     """Why ``state``'s session should be removed now, or None to keep it. With ``idle_ttl``, an
     open session that received no chunk for that long expires early."""
     claim = state.claim
+    if claim is not None and claim.kind is EndKind.CONCAT:
+        # A tus partial upload whose bytes went into a final one: kept (HEAD says it is whole,
+        # for a client that retries its final POST) until its lifetime ends.
+        return EndKind.EXPIRE if now > state.meta.expires_at else None
     if claim is not None and claim.kind is not EndKind.FINALIZE:
         return claim.kind  # an abort or expiry whose removal a crash interrupted
     if now <= state.expires_at(idle_ttl):

@@ -43,6 +43,28 @@ class SessionMeta:
     owner: str | None = None
     #: Who the quotas count it for: the subject with auth, else the client's address.
     client: str | None = None
+    #: ``chunked`` (the chunk API) or ``tus`` (tus 1.0: one byte stream, counted by offset).
+    protocol: str = "chunked"
+    #: The task id, when the client chose it at creation (tus metadata ``taskId``); otherwise
+    #: finalize draws one.
+    task_id: str | None = None
+    #: tus: the ``Upload-Metadata`` header as the client sent it (HEAD gives it back).
+    upload_metadata: str | None = None
+    #: tus concatenation: ``partial`` or ``final`` (None for a plain upload).
+    concat: str | None = None
+    #: tus, a final upload: the partial uploads it is made of, in order, and their sizes.
+    parts: tuple[str, ...] = ()
+    part_sizes: tuple[int, ...] = ()
+    #: tus: the length was deferred at creation; ``total_size`` is 0 until a PATCH declares it.
+    deferred_length: bool = False
+
+    @property
+    def is_tus(self) -> bool:
+        return self.protocol == "tus"
+
+    @property
+    def length_known(self) -> bool:
+        return not self.deferred_length
 
     def chunk_offset(self, index: int) -> int:
         return index * self.chunk_size
@@ -74,13 +96,24 @@ class SessionMeta:
             "task_params": self.task_params,
             "owner": self.owner,
             "client": self.client,
+            "protocol": self.protocol,
+            "task_id": self.task_id,
+            "upload_metadata": self.upload_metadata,
+            "concat": self.concat,
+            "parts": list(self.parts),
+            "part_sizes": list(self.part_sizes),
+            "deferred_length": self.deferred_length,
         }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> SessionMeta:
         """Unknown keys are ignored and missing optional ones take their defaults, so records
         written by other versions still load."""
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+        fields = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
+        for name in ("parts", "part_sizes"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
 
 
 class EndKind(enum.StrEnum):
@@ -89,6 +122,9 @@ class EndKind(enum.StrEnum):
     FINALIZE = "finalize"
     ABORT = "abort"
     EXPIRE = "expire"
+    #: A tus partial upload taken into a final (concatenated) one, whose id the claim carries
+    #: as ``task_id``; its bytes belong to that final upload from then on.
+    CONCAT = "concat"
 
 
 @dataclass(frozen=True)
@@ -124,6 +160,8 @@ class SessionState:
     last_write: float | None = None
     #: A chunk of it is being written by this process right now.
     writing: bool = False
+    #: tus: the bytes durably received, from the start of the file.
+    offset: int = 0
 
     @property
     def missing(self) -> list[int]:
@@ -132,12 +170,19 @@ class SessionState:
     def expires_at(self, idle_ttl: float | None = None) -> float:
         """When the session expires: at the end of its lifetime, or, while it is open, earlier:
         ``idle_ttl`` after its last chunk (or its creation)."""
-        if self.claim is not None:
+        if self.claim is not None or self.waits_for_concat:
             return self.meta.expires_at
         return self.meta.open_until(idle_ttl, self.last_write)
 
     @property
+    def waits_for_concat(self) -> bool:
+        """A whole tus partial upload, waiting for its siblings and the final POST: not idle."""
+        return self.meta.concat == "partial" and not self.missing
+
+    @property
     def received_bytes(self) -> int:
+        if self.meta.is_tus:
+            return self.offset
         return sum(self.meta.chunk_length(i) for i in self.received)
 
     @property
@@ -148,6 +193,8 @@ class SessionState:
     def finished(self) -> bool:
         """The finalize has an outcome that will not change by itself: refused, or a task that
         reached a final stage."""
+        if self.claim is not None and self.claim.kind is EndKind.CONCAT:
+            return True  # its bytes went into the final upload
         return self.failure is not None or (self.task is not None and self.task.stage.is_final)
 
     @property

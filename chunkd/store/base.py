@@ -9,6 +9,8 @@
     TaskRecords  write_task / write_result (under a lease), read_result, record_failure
     Blobs        blob(sid) -> Blob: the finished file (size, read, stream; local_path / move_to
                  only where the backend has a file system)
+    Appends      tus: open_append(meta) -> AppendSlot (one holder per upload; the durable
+                 offset; bytes counted by moving it), concatenate(parts), stop requests
 
 Everything a caller sees is derived from the store's durable state, so it is right after a
 restart (kill -9 or power cut: an answered write is durable) and when several chunkd processes
@@ -62,9 +64,11 @@ class Sessions(Protocol):
     async def create(
         self, *, ttl: float, filename: str, extension: str, total_size: int, chunk_size: int,
         total_chunks: int, language: str | None, model: str | None, task_params: dict[str, Any],
-        owner: str | None = None, client: str | None = None,
+        owner: str | None = None, client: str | None = None, **tus: Any,
     ) -> SessionMeta:
         """Create a session and reserve ``total_size`` bytes for it; durable when it returns.
+        ``tus``: the tus fields of :class:`SessionMeta` (``protocol="tus"``, a ``task_id`` the
+        client chose, which must be new: 422 ``task_id_in_use``, ...).
 
         Raises ``insufficient_storage`` (507) when the bytes cannot be reserved; nothing of the
         session is left behind then.
@@ -170,13 +174,60 @@ class Chunks(Protocol):
 
 
 class Ends(Protocol):
-    async def claim_end(self, session_id: str, kind: EndKind) -> Claim:
+    async def claim_end(self, session_id: str, kind: EndKind, ref: str | None = None) -> Claim:
         """Claim the session's one-time end atomically; durable when it returns.
 
         Exactly one caller, in any process, gets ``won=True``; every later call returns that
-        same claim with ``won=False``. A finalize claim carries a fresh task id, resolvable by
-        :meth:`Sessions.resolve` from then on.
+        same claim with ``won=False``. A finalize claim carries the task id (the one chosen at
+        creation, else a fresh one), resolvable by :meth:`Sessions.resolve` from then on; a
+        CONCAT claim carries ``ref``, the final upload's id.
         """
+        ...
+
+
+class AppendSlot(Protocol):
+    """A tus upload held by one PATCH (across processes) for as long as the slot is open."""
+
+    meta: SessionMeta
+    #: The durable offset: bytes counted so far.
+    offset: int
+
+    def writer(self, room: int) -> RangeWriter:
+        """The writer of the next bytes at :attr:`offset` (at most ``room`` of them)."""
+        ...
+
+    async def declare_length(self, length: int) -> SessionMeta:
+        """A deferred length, set once (its bytes reserved: 507 if they do not fit)."""
+        ...
+
+    async def advance(self) -> int:
+        """Count what the writer made durable (after its ``commit``): the new offset, durable."""
+        ...
+
+
+class Appends(Protocol):
+    def open_append(self, meta: SessionMeta, *, hashed: bool | str = False
+                    ) -> AbstractAsyncContextManager[AppendSlot]:
+        """Hold the tus upload for one PATCH (one holder in any process: 423 ``upload_locked``
+        after a short wait). Raises 409 / 404 / 410 like :meth:`Chunks.open_chunk`."""
+        ...
+
+    async def concatenate(self, parts: list[SessionMeta], *, ttl: float, session_id: str,
+                          **fields: Any) -> SessionMeta:
+        """Make (or find: idempotent) the final upload ``session_id`` of ``parts``, taking each
+        part once (409 ``partial_in_use`` if another final has it) and its bytes without
+        copying them."""
+        ...
+
+    async def request_stop(self, session_id: str) -> None:
+        """Ask the PATCH holding the upload, in any process, to stop and keep what it has."""
+        ...
+
+    async def stop_requested(self, session_id: str, since: float) -> bool:
+        ...
+
+    async def held(self, session_id: str) -> bool:
+        """Is the upload held by a PATCH right now (any process)?"""
         ...
 
 
@@ -257,5 +308,6 @@ class Blobs(Protocol):
         ...
 
 
-class SessionStore(Sessions, Chunks, Ends, Leases, OnceClaims, TaskRecords, Blobs, Protocol):
+class SessionStore(Sessions, Chunks, Ends, Leases, OnceClaims, TaskRecords, Blobs, Appends,
+                   Protocol):
     """Everything chunkd needs of a store."""

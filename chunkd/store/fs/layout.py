@@ -24,6 +24,13 @@
           lease.<n>         who drives the task: generation n, created O_EXCL, renewed by mtime;
                             a stale lease (owner dead or silent) is taken by creating lease.<n+1>
           <name>.once       one-time claims of a hand-off (e.g. submit.once: never submit twice)
+          offset/<n>        tus: the bytes durably received (one file, renamed from offset/<old>
+                            to offset/<new> after the bytes were flushed: no new inode or block)
+          length            tus, a deferred length: declared once (created by link(2))
+          parts/<k>         tus, a final (concatenated) upload: the k-th partial upload's data,
+                            moved here by rename when the final upload was created (no copy)
+          stop              tus: a request (from another process) to the PATCH holding the
+                            upload to stop, keep what it has and let go
         .new-<id>/          a session being created; renamed into place when complete
       tasks/<task_id>       the session id a task belongs to (so /ws/tasks/<task_id> finds it)
       gone/<session_id>     tombstone of a removed session (answers 410 instead of 404)
@@ -113,6 +120,21 @@ class Layout:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"bad once-claim name {name!r}")
         return self.session(sid) / f"{name}.once"
+
+    def offsets(self, sid: str) -> Path:
+        return self.session(sid) / "offset"
+
+    def length(self, sid: str) -> Path:
+        return self.session(sid) / "length"
+
+    def parts(self, sid: str) -> Path:
+        return self.session(sid) / "parts"
+
+    def part(self, sid: str, k: int) -> Path:
+        return self.parts(sid) / str(k)
+
+    def stop_request(self, sid: str) -> Path:
+        return self.session(sid) / "stop"
 
     def task_index(self, task_id: str) -> Path:
         return self.tasks / task_id

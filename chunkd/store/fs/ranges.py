@@ -32,6 +32,7 @@ WRITE_BUFFER = 512 * 1024
 CHUNK_LOCK_WAIT_SECONDS = 30.0
 _IOV_MAX = 1024
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux open-file-description locks
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -83,13 +84,16 @@ _pwrite_async = aiofiles.os.wrap(_pwrite_all)  # one thread hop each (aiofiles: 
 _fdatasync_async = aiofiles.os.wrap(os.fdatasync)
 
 
-async def lock_range(fd: int, offset: int, length: int, index: int) -> None:
-    """Take an exclusive OFD lock on [offset, offset+length), polling up to a bound.
+async def lock_range(fd: int, offset: int, length: int, index: int, *,
+                     wait: float = CHUNK_LOCK_WAIT_SECONDS,
+                     busy: Callable[[], Exception] | None = None) -> None:
+    """Take an exclusive OFD lock on [offset, offset+length) (length 0: to the end and beyond),
+    polling for up to ``wait`` seconds; then raise ``busy()`` (default: 409 ``chunk_busy``).
 
     OFD locks belong to the open file description, so they exclude other processes and other
     opens in this one; closing the fd releases it."""
     request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
-    deadline = time.monotonic() + CHUNK_LOCK_WAIT_SECONDS
+    deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.fcntl(fd, _F_OFD_SETLK, request)  # non-blocking, no thread needed
@@ -98,19 +102,30 @@ async def lock_range(fd: int, offset: int, length: int, index: int) -> None:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
         if time.monotonic() > deadline:
-            raise E.CHUNK_BUSY(chunk_index=index)
+            raise busy() if busy is not None else E.CHUNK_BUSY(chunk_index=index)
         await asyncio.sleep(0.02)
+
+
+def range_locked(fd: int, offset: int, length: int) -> bool:
+    """Does someone (another open of the file, in any process) hold a lock on the range?"""
+    request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, length, 0)
+    answer = fcntl.fcntl(fd, _F_OFD_GETLK, request)
+    kind: int = struct.unpack("hhqqi", answer)[0]
+    return kind != fcntl.F_UNLCK
 
 
 class FileRangeWriter:
     """A :class:`~chunkd.store.base.RangeWriter` on an open file descriptor."""
 
-    def __init__(self, fd: int, offset: int, length: int, *, hashed: bool, durable: bool) -> None:
+    def __init__(self, fd: int, offset: int, length: int, *, hashed: bool | str,
+                 durable: bool) -> None:
         self._fd = fd
         self._start = offset
         self._length = length
         self._durable = durable
-        self._hasher = hashlib.sha256() if hashed else None
+        # ``hashed``: True for SHA-256, or a hashlib name (tus checksums: sha1, md5, ...).
+        algorithm = "sha256" if hashed is True else hashed
+        self._hasher = hashlib.new(algorithm) if algorithm else None
         self._batch: list[bytes | memoryview] = []
         self._batched = 0
         self._pos = offset            # file offset of the batch being gathered

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from chunkd.model.task import Task
 from chunkd.store.base import Lease, LeaseLost, StoreLimits
 from chunkd.store.fs.layout import Layout, is_session_id
 from chunkd.store.fs.leases import FileLeases
-from chunkd.store.fs.ranges import FileRangeWriter, disk_full, lock_range
+from chunkd.store.fs.ranges import FileRangeWriter, disk_full, lock_range, range_locked
 
 log = logging.getLogger("chunkd.store")
 
@@ -50,6 +51,9 @@ INODE_FLOOR = 256
 STAGING_DEBRIS_SECONDS = 3600.0
 #: Tombstones (410 instead of 404) and task-id entries are kept this long after a removal.
 TOMBSTONE_SECONDS = 7 * 86400.0
+#: How long a tus PATCH waits for the upload's lock (after asking its holder to let go) before
+#: answering 423.
+APPEND_LOCK_WAIT_SECONDS = 3.0
 
 
 class FileChunkSlot:
@@ -113,6 +117,115 @@ class FileBlob:
             fsync_dir(target.parent)  # the rename itself must survive a power cut
 
 
+class PartsBlob:
+    """The file of a tus final upload: its partial uploads' data, one after the other, never
+    copied to make it. ``move_to`` renames the first part into place and appends the others
+    to it (``copy_file_range``, each part removed once it is in and flushed), so at most one
+    part's bytes are on the disk twice, and only while it moves."""
+
+    def __init__(self, paths: list[Path], sizes: tuple[int, ...], durable: bool) -> None:
+        self._paths = paths
+        self._sizes = sizes
+        self._durable = durable
+        self.size = sum(sizes)
+
+    async def read(self, offset: int, n: int) -> bytes:
+        return await asyncio.to_thread(self._read_sync, offset, n)
+
+    def _read_sync(self, offset: int, n: int) -> bytes:
+        out: list[bytes] = []
+        start = 0
+        for path, size in zip(self._paths, self._sizes, strict=True):
+            if n <= 0:
+                break
+            if offset < start + size:
+                with open(path, "rb") as f:
+                    data = os.pread(f.fileno(), min(n, start + size - offset), offset - start)
+                out.append(data)
+                offset += len(data)
+                n -= len(data)
+            start += size
+        return b"".join(out)
+
+    async def stream(self, piece: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        for path in self._paths:
+            async for data in FileBlob(path, 0, self._durable).stream(piece):
+                yield data
+
+    def local_path(self) -> Path | None:
+        return self._paths[0] if len(self._paths) == 1 else None
+
+    async def move_to(self, target: Path) -> None:
+        await asyncio.to_thread(self._move_to_sync, target)
+
+    def _move_to_sync(self, target: Path) -> None:
+        # Idempotent: a part still in the folder is not in the target yet (or only partly).
+        FileBlob(self._paths[0], self._sizes[0], self._durable)._move_to_sync(target)
+        with open(target, "r+b") as out:
+            offset = self._sizes[0]
+            for path, size in zip(self._paths[1:], self._sizes[1:], strict=True):
+                try:
+                    src = open(path, "rb")  # noqa: SIM115 (closed below)
+                except FileNotFoundError:
+                    offset += size  # appended before a crash
+                    continue
+                with src:
+                    done = 0
+                    while done < size:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), size - done,
+                                               done, offset + done)
+                        if n == 0:
+                            raise OSError(f"{path} is shorter than {size} bytes")
+                        done += n
+                if self._durable:
+                    os.fdatasync(out.fileno())
+                os.unlink(path)
+                offset += size
+            out.truncate(offset)
+        if self._durable:
+            fsync_dir(self._paths[0].parent)
+
+
+class FileAppendSlot:
+    """A tus upload held for one PATCH (an OFD lock on the whole ``data`` file)."""
+
+    def __init__(self, store: FileSystemStore, fd: int, meta: SessionMeta, offset: int,
+                 hashed: bool | str) -> None:
+        self._store = store
+        self._fd = fd
+        self._hashed = hashed
+        self.meta = meta
+        self.offset = offset
+        self._writer: FileRangeWriter | None = None
+        self._base = offset
+
+    def writer(self, room: int) -> FileRangeWriter:
+        """The writer of the next ``room`` bytes at the offset."""
+        if self._writer is None:
+            self._writer = FileRangeWriter(self._fd, self.offset, room, hashed=self._hashed,
+                                           durable=self._store.durable)
+        return self._writer
+
+    async def declare_length(self, length: int) -> SessionMeta:
+        self.meta = await asyncio.to_thread(self._store._declare_length_sync, self.meta, length)
+        return self.meta
+
+    async def advance(self) -> int:
+        """Count what the writer has made durable: the new offset, itself durable."""
+        if self._writer is None:
+            return self.offset
+        new = self._base + self._writer.durable_bytes
+        if new > self.offset:
+            await asyncio.to_thread(self._store._advance_sync, self.meta.session_id,
+                                    self.offset, new)
+            self.offset = new
+        return self.offset
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+
+
 class FileSystemStore:
     """A :class:`~chunkd.store.base.SessionStore` on a local (or shared POSIX) file system."""
 
@@ -151,8 +264,9 @@ class FileSystemStore:
         now = self.clock()
         # A deep copy of what the caller gave: the metadata never changes afterwards.
         fields = orjson.loads(orjson.dumps(fields))
-        meta = SessionMeta(session_id=str(uuid.uuid4()), created_at=now, expires_at=now + ttl,
-                           **fields)
+        sid = fields.pop("session_id", None) or str(uuid.uuid4())
+        meta = SessionMeta.from_json({"session_id": sid, "created_at": now,
+                                      "expires_at": now + ttl, **fields})
         await asyncio.to_thread(self._create_sync, meta)
         self._meta_cache[meta.session_id] = meta
         return meta
@@ -160,29 +274,27 @@ class FileSystemStore:
     def _create_sync(self, meta: SessionMeta) -> None:
         sid = meta.session_id
         staging = self.layout.staging(sid)
+        index = None
         try:
             staging.mkdir()
             (staging / self.layout.chunks(sid).name).mkdir()
             disk = os.statvfs(self.layout.root)
             # Each chunk's marker takes a block and an inode: counted with the file's bytes.
             bookkeeping = meta.total_chunks * disk.f_bsize
-            if meta.total_size + bookkeeping + self.min_free > disk.f_bavail * disk.f_frsize:
+            # A final tus upload's bytes are on the disk already (its parts are moved in).
+            reserved = 0 if meta.concat == "final" else meta.total_size
+            if reserved + bookkeeping + self.min_free > disk.f_bavail * disk.f_frsize:
                 raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk")
             if disk.f_files and disk.f_favail < meta.total_chunks + INODE_FLOOR:
                 raise E.INSUFFICIENT_STORAGE(reason="the disk has no room for more files")
-            data = staging / self.layout.data(sid).name
-            fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                # Reserve every byte now, so a session that cannot fit fails here with 507
-                # instead of in the middle of its upload.
-                os.posix_fallocate(fd, 0, meta.total_size)
-            except OSError as exc:
-                if disk_full(exc) or exc.errno == 27:  # EFBIG
-                    raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
-                                                 ) from None
-                raise
-            finally:
-                os.close(fd)
+            if meta.is_tus:
+                (staging / self.layout.offsets(sid).name).mkdir()
+                os.close(os.open(staging / self.layout.offsets(sid).name / "0",
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            if meta.concat == "final":
+                (staging / self.layout.parts(sid).name).mkdir()
+            else:
+                self._reserve_data(staging / self.layout.data(sid).name, reserved)
             self._reserve_blocks(staging / self.layout.reserve(sid).name, bookkeeping)
             self._reserve_inodes(staging / self.layout.chunks(sid).name, meta.total_chunks)
             write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
@@ -193,12 +305,47 @@ class FileSystemStore:
             if free_after < self.min_free + bookkeeping:
                 raise E.INSUFFICIENT_STORAGE(
                     reason="the disk is too full for a session of this size")
+            if meta.task_id is not None:  # chosen by the client: it must be new
+                index = self._claim_task_id(meta.task_id, sid)
             self._sync_dir(staging)
             os.rename(staging, self.layout.session(sid))
             self._sync_dir(self.layout.sessions)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if index is not None:
+                with contextlib.suppress(OSError):
+                    index.unlink()
             raise
+
+    @staticmethod
+    def _reserve_data(path: Path, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            # Reserve every byte now, so a session that cannot fit fails here with 507
+            # instead of in the middle of its upload.
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if disk_full(exc) or exc.errno == 27:  # EFBIG
+                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
+                                             ) from None
+            raise
+        finally:
+            os.close(fd)
+
+    def _claim_task_id(self, task_id: str, sid: str) -> Path:
+        """Make ``tasks/<task_id>`` name the session, unless the id is taken (409)."""
+        index = self.layout.task_index(task_id)
+        tmp = index.with_name(f".{task_id}.{uuid.uuid4().hex}.tmp")
+        write_text_durably(tmp, sid, self.durable)
+        try:
+            os.link(tmp, index)
+        except FileExistsError:
+            raise E.TASK_ID_IN_USE(task_id=task_id) from None
+        finally:
+            os.unlink(tmp)
+        self._sync_dir(index.parent)
+        return index
 
     async def get(self, session_id: str) -> SessionMeta:
         return await asyncio.to_thread(self._get_sync, session_id)
@@ -206,7 +353,7 @@ class FileSystemStore:
     def _get_sync(self, sid: str) -> SessionMeta:
         meta = self._meta(sid)
         claim = self._read_claim(sid)
-        if claim is not None and claim.kind is not EndKind.FINALIZE:
+        if claim is not None and claim.kind not in (EndKind.FINALIZE, EndKind.CONCAT):
             raise _gone(claim.kind)
         if claim is None and self.clock() > self._deadline(meta):
             # A finalized session lives on until its task is over and the sweeper takes it.
@@ -218,6 +365,9 @@ class FileSystemStore:
         were last written (by any process; never while this one writes it)."""
         if self.idle_ttl is None or meta.session_id in self._writing:
             return meta.expires_at
+        if meta.concat == "partial" and self._offset(meta.session_id) >= meta.total_size \
+                and meta.length_known:
+            return meta.expires_at  # whole, waiting for the final POST (SessionState agrees)
         try:
             last: float | None = os.stat(self.layout.data(meta.session_id)).st_mtime
         except FileNotFoundError:
@@ -234,8 +384,28 @@ class FileSystemStore:
                 self._meta_cache.pop(sid, None)
                 raise self._missing(sid)
             meta = SessionMeta.from_json(doc)
-            self._meta_cache[sid] = meta
+            if meta.deferred_length:
+                meta = self._with_length(meta)
+            if not meta.deferred_length:  # a length still to come is read again next time
+                self._meta_cache[sid] = meta
         return meta
+
+    def _with_length(self, meta: SessionMeta) -> SessionMeta:
+        """A deferred-length upload with the length a PATCH declared, if one did."""
+        try:
+            length = int(self.layout.length(meta.session_id).read_text())
+        except FileNotFoundError:
+            return meta
+        return dataclasses.replace(meta, total_size=length, chunk_size=max(length, 1),
+                                   deferred_length=False)
+
+    def _offset(self, sid: str) -> int:
+        """A tus upload's durable offset: the name of the one file in ``offset/``."""
+        try:
+            names = os.listdir(self.layout.offsets(sid))
+        except FileNotFoundError:
+            raise self._missing(sid) from None
+        return max((int(n) for n in names if n.isdigit()), default=0)
 
     def _missing(self, sid: str) -> ChunkdError:
         """The error for a session that is not (or no longer) on disk."""
@@ -264,9 +434,16 @@ class FileSystemStore:
             last_write: float | None = os.stat(self.layout.data(sid)).st_mtime
         except FileNotFoundError:
             last_write = None  # handed off or refused
+        received = self._received(sid)
+        offset = 0
+        if meta.is_tus:
+            offset = self._offset(sid)
+            whole = meta.length_known and offset >= meta.total_size
+            received = frozenset({0}) if whole else frozenset()
         return SessionState(
             meta=meta,
-            received=self._received(sid),
+            received=received,
+            offset=offset,
             claim=self._read_claim(sid),
             task=Task.from_json(task) if task is not None else None,
             failure=read_json(self.layout.failure(sid)),
@@ -421,7 +598,156 @@ class FileSystemStore:
             return
         if claim.kind is EndKind.FINALIZE:
             raise E.SESSION_FINALIZED(task_id=claim.task_id)
+        if claim.kind is EndKind.CONCAT:
+            raise E.SESSION_FINALIZED(task_id=None)
         raise _gone(claim.kind)
+
+    # -- tus: one byte stream per upload, counted by its durable offset ----------------------
+
+    @contextlib.asynccontextmanager
+    async def open_append(self, meta: SessionMeta, *, hashed: bool | str = False
+                          ) -> AsyncIterator[FileAppendSlot]:
+        sid = meta.session_id
+        try:
+            fd = await asyncio.to_thread(os.open, self.layout.data(sid), os.O_WRONLY)
+        except FileNotFoundError:
+            await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
+            raise self._missing(sid) from None
+        self._writing[sid] = self._writing.get(sid, 0) + 1
+        slot: FileAppendSlot | None = None
+        try:
+            # One PATCH per upload, in any process: an OFD lock on the whole file.
+            await lock_range(fd, 0, 0, 0, wait=APPEND_LOCK_WAIT_SECONDS,
+                             busy=lambda: E.UPLOAD_LOCKED())
+            meta, offset = await asyncio.to_thread(self._append_check_sync, sid)
+            slot = FileAppendSlot(self, fd, meta, offset, hashed)
+            yield slot
+        finally:
+            if slot is not None:
+                await slot.close()
+            left = self._writing[sid] - 1
+            if left:
+                self._writing[sid] = left
+            else:
+                del self._writing[sid]
+            await asyncio.to_thread(os.close, fd)  # also releases the lock
+
+    def _append_check_sync(self, sid: str) -> tuple[SessionMeta, int]:
+        """Under the lock: still open, not expired; the metadata (its length may have been
+        declared meanwhile) and the durable offset."""
+        meta = self._meta(sid)
+        self._check_open_for_chunks(sid, self._deadline(meta))
+        return meta, self._offset(sid)
+
+    def _advance_sync(self, sid: str, old: int, new: int) -> None:
+        """Move the offset from ``old`` to ``new``: one rename of the one offset file."""
+        folder = self.layout.offsets(sid)
+        self._check_open_for_chunks(sid)
+        try:
+            os.rename(folder / str(old), folder / str(new))
+        except FileNotFoundError:
+            raise self._missing(sid) from None
+        self._sync_dir(folder)
+
+    def _declare_length_sync(self, meta: SessionMeta, length: int) -> SessionMeta:
+        """A deferred length, declared once: reserve its bytes, then record it (link(2))."""
+        sid = meta.session_id
+        path = self.layout.data(sid)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if length:
+                os.posix_fallocate(fd, 0, length)
+        except OSError as exc:
+            if disk_full(exc) or exc.errno == 27:
+                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
+                                             ) from None
+            raise
+        finally:
+            os.close(fd)
+        target = self.layout.length(sid)
+        tmp = target.with_name(f".length.{uuid.uuid4().hex}.tmp")
+        write_text_durably(tmp, str(length), self.durable)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass  # declared by a request before (the caller checked it is the same)
+        finally:
+            os.unlink(tmp)
+        self._sync_dir(target.parent)
+        self._meta_cache.pop(sid, None)
+        return self._meta(sid)
+
+    async def request_stop(self, session_id: str) -> None:
+        """Ask the PATCH holding the upload (in any process) to stop and keep what it has."""
+        await asyncio.to_thread(self._request_stop_sync, session_id)
+
+    def _request_stop_sync(self, sid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            write_text_durably(self.layout.stop_request(sid), str(os.getpid()), False)
+
+    async def stop_requested(self, session_id: str, since: float) -> bool:
+        """Did someone ask, after ``since`` (the store's clock), for this upload's PATCH to stop?"""
+        try:
+            st = await asyncio.to_thread(os.stat, self.layout.stop_request(session_id))
+        except FileNotFoundError:
+            return False
+        return st.st_mtime >= since
+
+    async def held(self, session_id: str) -> bool:
+        """Is a PATCH (any process) holding the upload right now?"""
+        return await asyncio.to_thread(self._held_sync, session_id)
+
+    def _held_sync(self, sid: str) -> bool:
+        try:
+            fd = os.open(self.layout.data(sid), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return range_locked(fd, 0, 0)
+        finally:
+            os.close(fd)
+
+    async def concatenate(self, parts: list[SessionMeta], *, ttl: float, session_id: str,
+                          **fields: Any) -> SessionMeta:
+        return await asyncio.to_thread(self._concatenate_sync, parts, ttl, session_id, fields)
+
+    def _concatenate_sync(self, parts: list[SessionMeta], ttl: float, fid: str,
+                          fields: dict[str, Any]) -> SessionMeta:
+        """Create the final upload ``fid`` (or find it: the same parts give the same id), take
+        each part (a CONCAT claim: exactly one final gets it), and move the parts' data into it
+        by rename. Every step can be done again after a crash."""
+        try:
+            meta = self._meta(fid)
+        except ChunkdError:
+            now = self.clock()
+            meta = SessionMeta.from_json({
+                **orjson.loads(orjson.dumps(fields)), "session_id": fid, "created_at": now,
+                "expires_at": now + ttl, "parts": [p.session_id for p in parts],
+                "part_sizes": [p.total_size for p in parts]})
+            try:
+                self._create_sync(meta)
+            except OSError as exc:  # the same final POST, at the same time: it made it
+                if not self.layout.session(fid).is_dir():
+                    raise
+                log.info("final upload %s made by a concurrent request (%s)", fid, exc)
+            meta = self._meta(fid)
+        for k, part in enumerate(parts):
+            claim = self._claim_sync(part.session_id, EndKind.CONCAT, ref=fid)
+            if claim.kind is not EndKind.CONCAT or claim.task_id != fid:
+                raise E.PARTIAL_IN_USE(upload_id=part.session_id)
+            try:
+                os.rename(self.layout.data(part.session_id), self.layout.part(fid, k))
+            except FileNotFoundError:
+                if not self.layout.part(fid, k).exists() and self._offset(fid) == 0:
+                    raise E.PARTIAL_GONE(upload_id=part.session_id) from None
+        self._sync_dir(self.layout.parts(fid))
+        for part in parts:
+            self._sync_dir(self.layout.session(part.session_id))
+        with contextlib.suppress(FileNotFoundError):  # whole: done by an earlier request
+            os.rename(self.layout.offsets(fid) / "0", self.layout.offsets(fid) / str(
+                meta.total_size))
+            self._sync_dir(self.layout.offsets(fid))
+        return meta
 
     @staticmethod
     def _reserve_blocks(path: Path, size: int) -> None:
@@ -495,20 +821,25 @@ class FileSystemStore:
 
     # -- the one-time end --------------------------------------------------------------------
 
-    async def claim_end(self, session_id: str, kind: EndKind) -> Claim:
-        return await asyncio.to_thread(self._claim_sync, session_id, kind)
+    async def claim_end(self, session_id: str, kind: EndKind, ref: str | None = None) -> Claim:
+        return await asyncio.to_thread(self._claim_sync, session_id, kind, ref)
 
     @staticmethod
     def _claim_doc(kind: EndKind, task_id: str | None, claimed_at: float) -> dict[str, Any]:
         return {"kind": kind.value, "task_id": task_id, "claimed_at": claimed_at,
                 "pid": os.getpid(), "host": socket.gethostname()}
 
-    def _claim_sync(self, sid: str, kind: EndKind) -> Claim:
-        if kind is not EndKind.FINALIZE:
+    def _claim_sync(self, sid: str, kind: EndKind, ref: str | None = None) -> Claim:
+        if kind in (EndKind.ABORT, EndKind.EXPIRE):
             prepared = self._claim_prepared(sid, kind)
             if prepared is not None:
                 return prepared
-        task_id = str(uuid.uuid4()) if kind is EndKind.FINALIZE else None
+        chosen = None  # a task id the client chose at creation: its index entry exists
+        if kind is EndKind.FINALIZE:
+            chosen = self._meta(sid).task_id
+            task_id: str | None = chosen or str(uuid.uuid4())
+        else:
+            task_id = ref  # CONCAT: the final upload's id
         claimed_at = self.clock()
         doc = self._claim_doc(kind, task_id, claimed_at)
         folder = self.layout.session(sid)
@@ -517,7 +848,9 @@ class FileSystemStore:
             write_json_atomic(tmp, doc)
         except FileNotFoundError:
             raise self._missing(sid) from None
-        index = self.layout.task_index(task_id) if task_id is not None else None
+        index = None
+        if kind is EndKind.FINALIZE and chosen is None and task_id is not None:
+            index = self.layout.task_index(task_id)
         won = False
         try:
             if index is not None:  # before the claim, so a task id is always resolvable
@@ -638,13 +971,23 @@ class FileSystemStore:
         self._sync_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.data(session_id))
+        shutil.rmtree(self.layout.parts(session_id), ignore_errors=True)
 
     # -- the finished file -------------------------------------------------------------------
 
-    async def blob(self, session_id: str) -> FileBlob | None:
-        path = self.layout.data(session_id)
+    async def blob(self, session_id: str) -> FileBlob | PartsBlob | None:
+        return await asyncio.to_thread(self._blob_sync, session_id)
+
+    def _blob_sync(self, sid: str) -> FileBlob | PartsBlob | None:
+        meta = self._meta(sid)
+        if meta.concat == "final":
+            paths = [self.layout.part(sid, k) for k in range(len(meta.parts))]
+            if not any(p.exists() for p in paths):
+                return None  # moved away by the hand-off (or refused)
+            return PartsBlob(paths, meta.part_sizes, self.durable)
+        path = self.layout.data(sid)
         try:
-            size = (await asyncio.to_thread(os.stat, path)).st_size
+            size = os.stat(path).st_size
         except FileNotFoundError:
             return None
         return FileBlob(path, size, self.durable)
