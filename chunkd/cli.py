@@ -170,7 +170,7 @@ def describe(config: Config, url: str) -> str:
         f"{_human(config.max_chunk_size)} max",
         f"  files        {_human(config.max_file_size)} max, "
         f"extensions: {', '.join(sorted(config.allowed_extensions))}",
-        f"  tus 1.0      "
+        "  tus 1.0      "
         + (f"{url.rstrip('/')}{config.tus_path} (PATCH bodies up to "
            f"{_human(config.max_chunk_size)})" if config.tus_path else "off"),
         f"  sessions     expire after {_duration(config.session_ttl)}, swept every "

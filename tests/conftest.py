@@ -174,7 +174,7 @@ class ServerProcess:
             if " listening on " in line:
                 self.url = line.split(" listening on ")[1].strip()
                 # keep reading the banner's other lines
-                for _ in range(7):
+                for _ in range(8):
                     self.banner.append(self.proc.stdout.readline().rstrip())
                 return self
         raise RuntimeError("chunkd did not start in time")
