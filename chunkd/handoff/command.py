@@ -23,6 +23,7 @@ import orjson
 
 from chunkd import errors as E
 from chunkd.handoff.base import Job, Outcome
+from chunkd.store.base import Assemblable
 
 
 class CommandHandoff:
@@ -37,6 +38,8 @@ class CommandHandoff:
         if not await job.claim_once("run"):
             raise E.COMMAND_INTERRUPTED.handoff()
         path = job.blob.local_path() if job.blob is not None else None
+        if path is None and isinstance(job.blob, Assemblable):  # a tus final upload's parts
+            path = await job.blob.assemble()
         if path is None:
             raise E.PROCESSING_FAILED.handoff("the command hand-off needs the file on a local disk")
         meta = job.meta

@@ -302,6 +302,16 @@ class Movable(Protocol):
         ...
 
 
+@runtime_checkable
+class Assemblable(Protocol):
+    """A blob in several pieces (a tus final upload) that can be joined into one local file."""
+
+    async def assemble(self) -> Path:
+        """Join the pieces into one file (no piece is left twice on disk) and return its path.
+        Idempotent, also after a crash part-way."""
+        ...
+
+
 class Blobs(Protocol):
     async def blob(self, session_id: str) -> Blob | None:
         """The finished file, or None when its bytes are gone (moved away or refused)."""

@@ -117,6 +117,10 @@ class FileBlob:
             fsync_dir(target.parent)  # the rename itself must survive a power cut
 
 
+#: The joined file of a final upload's parts (``parts/whole``), when a hand-off needed one.
+WHOLE = "whole"
+
+
 class PartsBlob:
     """The file of a tus final upload: its partial uploads' data, one after the other, never
     copied to make it. ``move_to`` renames the first part into place and appends the others
@@ -157,6 +161,13 @@ class PartsBlob:
 
     async def move_to(self, target: Path) -> None:
         await asyncio.to_thread(self._move_to_sync, target)
+
+    async def assemble(self) -> Path:
+        """Join the parts into ``parts/whole`` (for a program that needs one file)."""
+        whole = self._paths[0].with_name(WHOLE)
+        await self.move_to(whole)
+        self._paths, self._sizes = [whole], (self.size,)
+        return whole
 
     def _move_to_sync(self, target: Path) -> None:
         # Idempotent: a part still in the folder is not in the target yet (or only partly).
@@ -981,7 +992,10 @@ class FileSystemStore:
     def _blob_sync(self, sid: str) -> FileBlob | PartsBlob | None:
         meta = self._meta(sid)
         if meta.concat == "final":
+            whole = self.layout.parts(sid) / WHOLE
             paths = [self.layout.part(sid, k) for k in range(len(meta.parts))]
+            if whole.exists() and not any(p.exists() for p in paths[1:]):
+                return FileBlob(whole, meta.total_size, self.durable)
             if not any(p.exists() for p in paths):
                 return None  # moved away by the hand-off (or refused)
             return PartsBlob(paths, meta.part_sizes, self.durable)
