@@ -633,3 +633,46 @@ def test_the_offset_is_read_from_disk_after_kill_9_mid_patch(server_factory):
     assert 20_000 <= offset < len(data)
     stored = (server.data_dir / "sessions" / location.rsplit("/", 1)[1] / "data").read_bytes()
     assert stored[:offset] == data[:offset]
+
+
+# -- a final upload through every hand-off ---------------------------------------------------
+
+async def final_upload(tus, data: bytes, **metadata: str) -> str:
+    third = len(data) // 3
+    urls = await partials(tus, [data[:third], data[third:2 * third], data[2 * third:]])
+    resp = await tus.post("/files/", headers={**TUS, "Upload-Concat": "final;" + " ".join(urls),
+                                               "Upload-Metadata": md(**metadata)})
+    assert resp.status == 201
+    return resp.headers["Location"]
+
+
+async def test_a_final_upload_streams_to_whisperx_with_its_metadata(aiohttp_client, double_url,
+                                                                     tmp_path):
+    from whisperx_double import WhisperXDouble
+
+    double = WhisperXDouble()
+    config = Config(data_dir=tmp_path / "data", handoff="whisperx",
+                    whisperx_url=await double_url(double), whisperx_poll_interval=0.05)
+    tus = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    task = str(uuid.uuid4())
+    await final_upload(tus, SPEECH, filename="talk.wav", language="de", taskId=task)
+    async with tus.ws_connect(f"/ws/tasks/{task}") as ws:
+        messages = [msg.json() async for msg in ws]
+    assert messages[-1]["stage"] == "complete", messages[-1]
+    [sent] = double.submissions
+    assert sent["sha256"] == sha256(SPEECH) and sent["filename"] == "talk.wav"
+    assert sent["params"].get("language") == "de"
+
+
+async def test_a_final_upload_is_one_file_for_the_command_hand_off(aiohttp_client, tmp_path):
+    out = tmp_path / "digest"
+    program = ("python3 -c \"import sys,hashlib;open(sys.argv[1],'w').write("
+               "hashlib.sha256(open(sys.argv[2],'rb').read()).hexdigest())\" " + str(out))
+    config = Config(data_dir=tmp_path / "data", handoff="command", handoff_command=program)
+    tus = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    task = str(uuid.uuid4())
+    await final_upload(tus, SPEECH, filename="talk.wav", taskId=task)
+    async with tus.ws_connect(f"/ws/tasks/{task}") as ws:
+        messages = [msg.json() async for msg in ws]
+    assert messages[-1]["stage"] == "complete", messages[-1]
+    assert out.read_text() == sha256(SPEECH)
