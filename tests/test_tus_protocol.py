@@ -333,6 +333,7 @@ async def test_a_refused_file_is_told_on_the_websocket_and_the_upload_then_answe
     assert messages[-1]["type"] == "error"
     assert messages[-1]["error_code"] == "unsupported_content"
     assert (await head(tus, url)).status == 415
+    assert (await patch(tus, url, len(junk), b"")).status == 415  # not 409, which is retried
 
 
 async def test_upload_progress_shows_bytes_while_a_patch_streams(tus):
@@ -354,6 +355,27 @@ async def test_upload_progress_shows_bytes_while_a_patch_streams(tus):
                 seen.append(msg["uploaded_bytes"])
         assert (await sending).status == 204
     assert any(0 < n < 60_000 for n in seen)  # counted while the body was still coming
+
+
+async def test_recovery_finalizes_a_whole_upload_a_crash_left_unfinalized(tus, tus_config,
+                                                                          monkeypatch):
+    """The process that got the last byte died before its finalize: recovery does it."""
+    import chunkd.core.recovery as recovery
+    from chunkd.keys import RUNNER, STORE
+
+    url = await create(tus, len(SPEECH), md(filename="a.wav"))
+    app = tus.server.app
+    store = app[STORE]
+    meta = await store.get(url.rsplit("/", 1)[1])
+    async with store.open_append(meta) as slot:  # the bytes, but no finalize (the "crash")
+        await slot.writer(len(SPEECH)).write(SPEECH)
+        await slot.writer(0).commit()
+        await slot.advance()
+    await recovery.recover_once(store, app[RUNNER])
+    assert not list((tus_config.data_dir / "completed").glob("*/upload.*"))  # within the grace
+    monkeypatch.setattr(recovery, "TUS_FINALIZE_GRACE", 0.0)
+    await recovery.recover_once(store, app[RUNNER])
+    assert sha256(await handed_off(tus_config.data_dir)) == sha256(SPEECH)
 
 
 # -- interrupted and stale PATCHes --------------------------------------------------------------

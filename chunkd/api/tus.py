@@ -337,7 +337,14 @@ async def patch(request: web.Request) -> web.Response:
         offset = None
     if offset is None:
         raise E.INVALID_OFFSET()
-    meta, new = await _append(request, meta, offset)
+    try:
+        meta, new = await _append(request, meta, offset)
+    except ChunkdError as exc:
+        if exc.code == "session_finalized":  # refused at completion? then say why (4xx)
+            failure = (await request.app[STORE].state(sid)).failure
+            if failure is not None:
+                raise ChunkdError.from_record(failure) from None
+        raise
     headers = {"Upload-Offset": str(new)}
     headers.update(_expires(meta, None, request.app[CONFIG]))
     if meta.length_known and new == meta.total_size and meta.concat != "partial":
