@@ -168,3 +168,33 @@ async def test_every_answer_is_durable_before_it_is_sent(tmp_path):
     record_dir = first(calls, "fsync", rf"{sdir}>", record)
     assert calls[record_dir].done_at <= finalized_at
     assert task_id
+
+
+async def test_every_tus_offset_is_durable_before_it_is_answered(tmp_path):
+    """tus: a PATCH's bytes are flushed, then the offset file renamed to the new offset, then
+    its folder flushed, before the 204 says that offset."""
+    data_dir = tmp_path / "data"
+    server = TracedServer(data_dir, tmp_path / "strace.log")
+    tus = {"Tus-Resumable": "1.0.0"}
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            async with http.post("/files/", headers={**tus, "Upload-Length": str(len(OGG))}) as resp:
+                assert resp.status == 201
+                location = resp.headers["Location"]
+            answered = []
+            for i, part in enumerate(chunks_of(OGG, CHUNK)):
+                async with http.patch(location, data=part, headers={
+                        **tus, "Upload-Offset": str(i * CHUNK),
+                        "Content-Type": "application/offset+octet-stream"}) as resp:
+                    assert resp.status == 204
+                    answered.append((int(resp.headers["Upload-Offset"]), time.time()))
+    finally:
+        server.stop()
+    calls = parse(server.log.read_text())
+    sdir = str(data_dir.resolve() / "sessions" / location.rsplit("/", 1)[1])
+    for offset, at in answered:
+        moved = first(calls, "rename", rf"{sdir}/offset/\d+\".*\"{sdir}/offset/{offset}\"")
+        data = max(j for j in range(moved) if calls[j].name == "fdatasync"
+                   and f"{sdir}/data>" in calls[j].args)
+        folder = first(calls, "fsync", rf"{sdir}/offset>", moved)
+        assert calls[data].done_at <= calls[moved].done_at <= calls[folder].done_at <= at
