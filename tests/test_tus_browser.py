@@ -4,8 +4,8 @@ logingrupa/whisperX-FastAPI fork's frontend configures it, and Uppy (``@uppy/cor
 ``@uppy/tus``).
 
 The page comes from a small aiohttp server of its own on 127.0.0.1: another port, so another
-origin than chunkd's, and every tus request is a real cross-origin one (preflights for PATCH,
-HEAD, DELETE and the tus headers; credentials and exposed headers for the fork's client). Its
+origin than chunkd's, and every tus request is a real cross-origin one (preflighted for the tus
+headers, PATCH and DELETE; with credentials and exposed headers for the fork's client). Its
 script is bundled from ``tests/tus_clients/browser/`` with esbuild when the tests start; nothing
 built is kept. The files are built in the page from bytes fetched from the page server.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import os
 import random
@@ -39,7 +40,8 @@ CLIENTS = Path(__file__).parent / "tus_clients"
 SOURCES = CLIENTS / "browser"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 FORK_TUS_PATH = "/uploads/files/"  # the fork's TUS_ENDPOINT
 FORK_CHUNK = 50 * MiB  # the fork's TUS_CHUNK_SIZE
 WAIT = 60.0  # seconds for one upload in the page, at most
@@ -314,14 +316,20 @@ async def test_the_whisperx_forks_frontend_uploads_with_credentials_csrf_and_its
     assert late["messages"], late
     assert late["messages"][-1]["type"] == "progress", late["messages"]
     assert late["messages"][-1]["stage"] == "complete", late["messages"]
+    # ... and followed from the moment the upload existed: the bytes as they arrived
     early = result["early"]
     assert early is not None and early["messages"], early
-    assert any(m["type"] == "upload_progress" for m in early["messages"]), early["messages"]
     assert early["messages"][-1]["stage"] == "complete", early["messages"]
-    # handed off once, under the client's task id, byte for byte
+    arrived = [m["uploaded_bytes"] for m in early["messages"] if m["type"] == "upload_progress"]
+    assert arrived == sorted(arrived) and arrived[-1] == size, early["messages"]
+    assert any(0 < n < size for n in arrived), early["messages"]
+    # handed off once, under the client's task id, byte for byte, with the fork's metadata
     files = handed_off(srv.data_dir, task_id)
     assert len(files) == 1 and files == handed_off(srv.data_dir), files
     assert file_sha256(files[0]) == source
+    record = json.loads((files[0].parent / "session.json").read_text())
+    assert (record["filename"], record["language"], record["task_id"]) == (
+        "meeting.wav", "auto", task_id)
 
 
 # -- Uppy ---------------------------------------------------------------------------------------
@@ -371,15 +379,25 @@ async def test_uppy_uploads_a_file_to_the_default_tus_path(browser, site, server
     assert file_sha256(files[0]) == source
 
 
-async def test_uppy_cancel_terminates_the_upload_on_the_server(browser, site, server_factory,
-                                                              tmp_path):
-    size = 16 * MiB  # 64 PATCHes of 256 KiB: far from done when the first progress comes
+@pytest.mark.parametrize("chunk_size, upload_rate", [
+    (256 * KiB, None),   # cancelled right after the first progress event
+    (4 * MiB, 4 * MiB),  # a slower link: cancelled in the middle of a PATCH
+], ids=["small-chunks", "mid-patch"])
+async def test_uppy_cancel_terminates_the_upload_on_the_server(
+        browser, site, server_factory, tmp_path, chunk_size, upload_rate):
+    size = 16 * MiB  # 64 or 4 PATCHes: far from done when the first progress comes
     site.files["long.wav"], _ = recording(tmp_path, "long.wav", size)
     srv = server_factory("--cors-origins", site.origin)
     context, page, traffic = await open_page(browser, site, srv.url)
+    if upload_rate is not None:
+        cdp = await context.new_cdp_session(page)
+        await cdp.send("Network.enable")
+        await cdp.send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1,
+            "uploadThroughput": upload_rate})
     await page.evaluate(UPPY)
-    result = await asyncio.wait_for(page.evaluate("""async (api) => {
-      const uppy = makeUppy(api, 256 * 1024);
+    result = await asyncio.wait_for(page.evaluate("""async ([api, chunkSize]) => {
+      const uppy = makeUppy(api, chunkSize);
       const errors = [];
       uppy.on("upload-error", (file, error) => errors.push(String(error)));
       const id = uppy.addFile({ name: "long.wav", type: "audio/wav",
@@ -397,7 +415,7 @@ async def test_uppy_cancel_terminates_the_upload_on_the_server(browser, site, se
       const out = await cancelled;
       await new Promise((r) => setTimeout(r, 1500));  // DELETE, and any retry of it
       return { ...out, errors, files: uppy.getFiles().length };
-    }""", srv.url), WAIT)
+    }""", [srv.url, chunk_size]), WAIT)
     delete = await traffic.settled("DELETE")
     await context.close()
 
@@ -407,6 +425,8 @@ async def test_uppy_cancel_terminates_the_upload_on_the_server(browser, site, se
     assert created["status"] == 201
     url = result["url"]
     assert url and url.startswith(srv.url + "/files/")
+    if upload_rate is not None:  # the PATCH in flight was dropped by the client
+        assert traffic.of("PATCH")[-1]["status"] is None, traffic.summary()
     # terminated with exactly one DELETE on the upload's URL, answered 204 (tus-js-client
     # would retry anything else and report an error)
     assert delete["url"] == url and delete["status"] == 204, traffic.summary()

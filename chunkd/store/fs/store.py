@@ -729,7 +729,9 @@ class FileSystemStore:
         by rename. Every step can be done again after a crash."""
         try:
             meta = self._meta(fid)
-        except ChunkdError:
+        except ChunkdError as exc:
+            if exc.status != 404:  # made before, and aborted or expired since: it stays gone
+                raise
             now = self.clock()
             meta = SessionMeta.from_json({
                 **orjson.loads(orjson.dumps(fields)), "session_id": fid, "created_at": now,
@@ -990,7 +992,10 @@ class FileSystemStore:
         return await asyncio.to_thread(self._blob_sync, session_id)
 
     def _blob_sync(self, sid: str) -> FileBlob | PartsBlob | None:
-        meta = self._meta(sid)
+        try:
+            meta = self._meta(sid)
+        except ChunkdError:
+            return None  # removed meanwhile: no bytes
         if meta.concat == "final":
             whole = self.layout.parts(sid) / WHOLE
             paths = [self.layout.part(sid, k) for k in range(len(meta.parts))]
