@@ -698,3 +698,47 @@ async def test_a_final_upload_is_one_file_for_the_command_hand_off(aiohttp_clien
         messages = [msg.json() async for msg in ws]
     assert messages[-1]["stage"] == "complete", messages[-1]
     assert out.read_text() == sha256(SPEECH)
+
+
+def test_two_processes_one_upload_a_stale_patch_in_one_is_stopped_from_the_other(
+        server_factory, tmp_path):
+    """Two chunkd processes on one folder (behind one load balancer): the client's PATCH died
+    unseen on process A; its retry reaches B, which asks A (a stop file A looks for every
+    second) to keep what it has and let go, and goes on. HEAD on B sees A's bytes."""
+    a = server_factory(data_dir=tmp_path / "data")
+    b = server_factory(data_dir=tmp_path / "data")
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(a.url.rstrip("/") + "/files/", headers={
+                **TUS, "Upload-Length": str(len(SPEECH)), "Upload-Metadata": md(filename="a.wav")})
+            location = resp.headers["Location"]
+            host, port = a.url.split("//")[1].rstrip("/").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write((f"PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                          f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                          f"Content-Length: {len(SPEECH)}\r\n\r\n").encode() + SPEECH[:70_000])
+            await writer.drain()  # ... and the client's side of it is never heard of again
+            await asyncio.sleep(1.5)  # A counts it (a checkpoint a second)
+            on_b = b.url.rstrip("/") + location
+            started = time.monotonic()
+            resp = await http.head(on_b, headers=TUS)
+            assert resp.status == 200
+            offset = int(resp.headers["Upload-Offset"])
+            assert offset == 70_000
+            resp = await http.patch(on_b, data=SPEECH[offset:], headers={
+                **TUS, **STREAM, "Upload-Offset": str(offset)})
+            assert resp.status == 204, await resp.text()
+            assert time.monotonic() - started < 10  # not A's 60 s body timeout
+            assert resp.headers["Upload-Offset"] == str(len(SPEECH))
+            writer.close()
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        files = list((tmp_path / "data" / "completed").glob("*/upload.wav"))
+        if files:
+            assert sha256(files[0].read_bytes()) == sha256(SPEECH)
+            return
+        time.sleep(0.1)
+    raise AssertionError("not handed off")
