@@ -253,21 +253,35 @@ async def tus_request(method: str, url: str, headers: dict[str, str] | None = No
 
 async def follow_task(base_url: str, task: str, timeout: float = 30.0
                       ) -> tuple[list[dict[str, Any]], int | None]:
-    """Every message of ``/ws/tasks/{task}`` until the server closes it, and the close code."""
+    """Every message of ``/ws/tasks/{task}`` until the server closes it, and the close code
+    the server's close frame carried (1006 if the connection ended without one).
+
+    The code is read from the close frame itself (``autoclose=False``): chunkd drops the TCP
+    connection right after its close frame without waiting for the client's reply, so a client
+    that reads late fails to send that reply and aiohttp then reports 1006 instead of the code
+    it received.
+    """
     messages: list[dict[str, Any]] = []
     ws_url = base_url.replace("http://", "ws://", 1) + f"/ws/tasks/{task}"
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(ws_url, heartbeat=None) as ws:
-            async def pump() -> None:
-                async for msg in ws:
+        async with http.ws_connect(ws_url, heartbeat=None, autoclose=False) as ws:
+            async def pump() -> int | None:
+                while True:
+                    msg = await ws.receive()
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         messages.append(json.loads(msg.data))
+                    elif msg.type == aiohttp.WSMsgType.CLOSE:
+                        return int(msg.data)
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return ws.close_code
             try:
-                await asyncio.wait_for(pump(), timeout)
+                code = await asyncio.wait_for(pump(), timeout)
             except TimeoutError:
                 raise AssertionError(f"/ws/tasks/{task} still open after {timeout} s: "
                                      f"{messages[-5:]}") from None
-            return messages, ws.close_code
+            with contextlib.suppress(Exception):
+                await ws.close()
+            return messages, code
 
 
 def completed_file(data_dir: Path, final: dict[str, Any]) -> Path:

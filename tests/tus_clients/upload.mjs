@@ -151,7 +151,17 @@ const options = {
     if (opts.abortAfter != null && accepted >= opts.abortAfter && !aborting) {
       aborting = true
       upload.abort(true).then(
-        () => finish({ ok: true, aborted: true, url: upload.url, taskId: metadata.taskId }),
+        async () => {
+          // abort() removes the stored URL after the DELETE's 204 without waiting for the write:
+          // give it a moment, and report what a later findPreviousUploads() would find.
+          let remembered = -1
+          for (let i = 0; i < 40; i++) {
+            remembered = opts.urlStorage ? (await upload.findPreviousUploads()).length : 0
+            if (remembered === 0) break
+            await new Promise((resolve) => setTimeout(resolve, 50))
+          }
+          finish({ ok: true, aborted: true, url: upload.url, taskId: metadata.taskId, remembered })
+        },
         (err) => finish({ ok: false, aborted: true, url: upload.url, taskId: metadata.taskId,
           ...describe(err) }),
       )
