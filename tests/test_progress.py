@@ -24,6 +24,7 @@ from conftest import (
     put_chunk,
     sha256,
     store_put,
+    upload_all,
 )
 from whisperx_double import RESULT, WhisperXDouble
 
@@ -314,3 +315,17 @@ async def test_progress_never_goes_backwards(aiohttp_client, tmp_path):
     assert steps == sorted(steps), steps
     assert (2, 60) in steps and (3, 80) in steps
     assert (1, 20) not in steps and (2, 50) not in steps
+
+
+async def test_the_normal_close_reaches_a_client_that_reads_late(client):
+    """The server's close (1000) waits for the client's close frame: a client that reads its
+    messages a little later still sees 1000, not a dropped connection (1006)."""
+    sid = await upload_all(client, "speech.wav", SPEECH, CHUNK)
+    assert (await client.post(f"/upload/chunked/{sid}/finalize")).status == 200
+    ws = await client.ws_connect(f"/ws/tasks/{sid}")
+    await asyncio.sleep(0.5)  # the stream is over before the client reads anything
+    messages = []
+    async for msg in ws:
+        messages.append(msg.json())
+    assert messages[-1]["stage"] == "complete"
+    assert ws.close_code == 1000

@@ -59,23 +59,33 @@ async def task_socket(request: web.Request) -> web.StreamResponse:
     except ChunkdError as exc:
         await ws.close(code=close_code_for(exc), message=f"{exc.code}: {exc.message}".encode()[:120])
         return ws
-    sender = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval,
-                                       request.transport))
+    closing = asyncio.Event()  # the stream ended: the pump closes the socket
+    listener = asyncio.create_task(_listen(ws, sub, hub.queue_size))
+    pump = asyncio.create_task(_pump(ws, sub, request.app[CONFIG].heartbeat_interval,
+                                     request.transport, listener, closing))
+    # The client went away (or closed): nothing is left to send to.
+    listener.add_done_callback(lambda _: None if closing.is_set() else pump.cancel())
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                if orjson.loads(msg.data).get("type") == "ping" and (
-                    sub.queue.qsize() < hub.queue_size  # a ping flood never crowds out the Close
-                ):
-                    sub.queue.put_nowait({"type": "pong", "timestamp": now_iso()})
+        await asyncio.wait([pump])
     finally:
         hub.unsubscribe(sub)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        for job in (listener, pump):
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
     return ws
+
+
+async def _listen(ws: web.WebSocketResponse, sub: Subscriber, queue_size: int) -> None:
+    """Read what the client sends (pongs, its close, and ``{"type": "ping"}``)."""
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            continue
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            if orjson.loads(msg.data).get("type") == "ping" and (
+                sub.queue.qsize() < queue_size  # a ping flood never crowds out the Close
+            ):
+                sub.queue.put_nowait({"type": "pong", "timestamp": now_iso()})
 
 
 #: A peer that does not take a message (or the close) for this long is cut off: a socket that
@@ -84,8 +94,12 @@ SEND_TIMEOUT = 30.0
 
 
 async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float,
-                transport: asyncio.Transport | None) -> None:
-    """Forward the subscriber's queue to the socket; a heartbeat whenever it is quiet."""
+                transport: asyncio.Transport | None, listener: asyncio.Task[None],
+                closing: asyncio.Event) -> None:
+    """Forward the subscriber's queue to the socket; a heartbeat whenever it is quiet. At the
+    end the listener is stopped first, so that the close waits for the client's close frame
+    (aiohttp cuts the connection at once when another task is reading: the client would see
+    1006, not the code sent)."""
     try:
         with contextlib.suppress(ConnectionError):
             while not ws.closed:
@@ -94,6 +108,10 @@ async def _pump(ws: web.WebSocketResponse, sub: Subscriber, heartbeat: float,
                 except TimeoutError:
                     item = {"type": "heartbeat", "timestamp": now_iso()}
                 if isinstance(item, Close):
+                    closing.set()
+                    listener.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await listener
                     await asyncio.wait_for(
                         ws.close(code=item.code, message=item.reason.encode()), SEND_TIMEOUT)
                     return
