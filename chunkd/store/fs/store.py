@@ -305,7 +305,9 @@ class FileSystemStore:
             if meta.concat == "final":
                 (staging / self.layout.parts(sid).name).mkdir()
             else:
-                self._reserve_data(staging / self.layout.data(sid).name, reserved)
+                # Every byte reserved now: a session that cannot fit fails here with 507,
+                # not in the middle of its upload.
+                self._reserve_blocks(staging / self.layout.data(sid).name, reserved)
             self._reserve_blocks(staging / self.layout.reserve(sid).name, bookkeeping)
             self._reserve_inodes(staging / self.layout.chunks(sid).name, meta.total_chunks)
             write_json_atomic(staging / self.layout.metadata(sid).name, meta.to_json())
@@ -327,22 +329,6 @@ class FileSystemStore:
                 with contextlib.suppress(OSError):
                     index.unlink()
             raise
-
-    @staticmethod
-    def _reserve_data(path: Path, size: int) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            # Reserve every byte now, so a session that cannot fit fails here with 507
-            # instead of in the middle of its upload.
-            if size:
-                os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if disk_full(exc) or exc.errno == 27:  # EFBIG
-                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
-                                             ) from None
-            raise
-        finally:
-            os.close(fd)
 
     def _claim_task_id(self, task_id: str, sid: str) -> Path:
         """Make ``tasks/<task_id>`` name the session, unless the id is taken (409)."""
@@ -666,13 +652,7 @@ class FileSystemStore:
         path = self.layout.data(sid)
         fd = os.open(path, os.O_WRONLY)
         try:
-            if length:
-                os.posix_fallocate(fd, 0, length)
-        except OSError as exc:
-            if disk_full(exc) or exc.errno == 27:
-                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk"
-                                             ) from None
-            raise
+            _allocate(fd, length)
         finally:
             os.close(fd)
         target = self.layout.length(sid)
@@ -764,14 +744,10 @@ class FileSystemStore:
 
     @staticmethod
     def _reserve_blocks(path: Path, size: int) -> None:
+        """A new file of ``size`` bytes, all allocated (507 if they do not fit)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            if size:
-                os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if disk_full(exc):
-                raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk") from None
-            raise
+            _allocate(fd, size)
         finally:
             os.close(fd)
 
@@ -1010,6 +986,18 @@ class FileSystemStore:
         except FileNotFoundError:
             return None
         return FileBlob(path, size, self.durable)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Allocate the file's first ``size`` bytes; 507 when the disk (or the file system's largest
+    file, EFBIG) cannot hold them."""
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if disk_full(exc) or exc.errno == 27:  # EFBIG
+            raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk") from None
+        raise
 
 
 def _gone(kind: EndKind) -> ChunkdError:
