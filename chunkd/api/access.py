@@ -108,5 +108,7 @@ async def owned_session(request: web.Request, session_id: str) -> SessionMeta:
     is looked up), 404/410 as the store says, 403 if it is another subject's."""
     subject = subject_of(request)
     meta = await request.app[STORE].get(session_id)
+    if meta.is_tus:  # a tus upload is not a session of the chunk API (nor the reverse)
+        raise E.SESSION_NOT_FOUND()
     check_owner(meta, subject)
     return meta

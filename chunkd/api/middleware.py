@@ -84,6 +84,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = _render(request, _aiohttp_error(exc.status, exc.reason), tus)
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             resp.headers["Allow"] = exc.headers["Allow"]
+    except ChunkdError as exc:
+        if exc.status >= 500 and exc.status != 507:
+            log.error("%s %s: %s", request.method, request.path, exc.message)
+        resp = _render(request, exc, tus)
     except Exception as exc:  # noqa: BLE001 (every error gets an answer; unknown ones a 500)
         resp = _render(request, _as_error(request, exc), tus)
     if tus and not resp.prepared:
@@ -94,8 +98,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def _render(request: web.Request, exc: ChunkdError, tus: bool) -> web.Response:
     if tus:
         exc = for_tus_client(method_of(request), exc)
-    if exc.status >= 500 and exc.status != 507 and exc.code != "internal_error":
-        log.error("%s %s: %s", request.method, request.path, exc.message)
     resp = error_response(exc)
     if exc.status == 408 or exc.code in ("invalid_body", "body_stalled", "server_busy"):
         # A body too slow, silent, unreadable or not read at all (busy): the rest of it is not
@@ -106,8 +108,6 @@ def _render(request: web.Request, exc: ChunkdError, tus: bool) -> web.Response:
 
 def _as_error(request: web.Request, exc: Exception) -> ChunkdError:
     """Any exception a handler raised, as one of the table's errors (logged once)."""
-    if isinstance(exc, ChunkdError):
-        return exc
     if isinstance(exc, HttpProcessingError | RequestPayloadError):
         # The body could not be decoded (bad Content-Encoding, broken chunked framing, ...).
         log.info("%s %s: unreadable body (%s)", request.method, request.path, exc)

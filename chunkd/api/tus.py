@@ -89,7 +89,8 @@ TUS = web.AppKey("tus", TusState)
 
 def add_routes(app: web.Application, base: str) -> None:
     app[TUS] = TusState()
-    app.on_cleanup.append(lambda app: app[TUS].close())
+    # on_shutdown: before the runner closes (cleanup), so no finalize starts a hand-off late.
+    app.on_shutdown.append(lambda app: app[TUS].close())
     item = base + "{upload_id}"
     for path in (base, base.rstrip("/")):
         app.router.add_route("OPTIONS", path, options, expect_handler=expect_handler)
@@ -234,14 +235,14 @@ async def create(request: web.Request) -> web.Response:
         # the upload exists: 201 with the offset that was kept.
         try:
             meta, offset = await _append(request, meta, 0)
-        except ChunkdError as exc:
-            log.info("tus upload %s: the creation's body was not kept whole: %s",
-                     meta.session_id, exc.message)
+        except Exception as exc:  # noqa: BLE001 (the upload exists: the client must learn it)
+            log.info("tus upload %s: the creation's body was not kept whole: %r",
+                     meta.session_id, exc)
             offset = (await store.state(meta.session_id)).offset
     headers["Upload-Offset"] = str(offset)
     headers.update(_expires(meta, None, config))
-    if length == 0 and not concat:
-        _finalize_later(request, meta.session_id)  # an empty file is whole at once
+    if length == offset and not concat:  # whole already (or empty)
+        _finalize_later(request, meta.session_id, _credential(request))
     return _answer(201, headers)
 
 
@@ -278,7 +279,7 @@ async def _create_final(request: web.Request, concat: str, metadata: dict[str, s
     for part in parts:
         request.app[QUOTAS].ended(part.session_id)
     log.info("tus final upload %s of %d parts (%d bytes)", fid, len(parts), total)
-    _finalize_later(request, meta.session_id)
+    _finalize_later(request, meta.session_id, _credential(request))
     return _answer(201, {"Location": _base(request) + meta.session_id})
 
 
@@ -309,6 +310,8 @@ async def head(request: web.Request) -> web.Response:
     state = await request.app[STORE].state(sid)
     if state.failure is not None:  # refused (e.g. not audio): no longer an upload to resume
         raise ChunkdError.from_record(state.failure)
+    if tus.ready_to_finalize(state) and sid not in request.app[TUS].active:
+        _finalize_later(request, sid, _credential(request))  # whole, e.g. by a cut PATCH
     headers = {"Upload-Offset": str(state.offset), "Cache-Control": "no-store"}
     if state.meta.length_known:
         headers["Upload-Length"] = str(state.meta.total_size)
@@ -340,10 +343,11 @@ async def patch(request: web.Request) -> web.Response:
     try:
         meta, new = await _append(request, meta, offset)
     except ChunkdError as exc:
-        if exc.code == "session_finalized":  # refused at completion? then say why (4xx)
-            failure = (await request.app[STORE].state(sid)).failure
-            if failure is not None:
-                raise ChunkdError.from_record(failure) from None
+        state = await request.app[STORE].state(sid)
+        if exc.code == "session_finalized" and state.failure is not None:
+            raise ChunkdError.from_record(state.failure) from None  # refused: say why (4xx)
+        if tus.ready_to_finalize(state):  # the prefix it kept made the upload whole
+            _finalize_later(request, sid, _credential(request))
         raise
     headers = {"Upload-Offset": str(new)}
     headers.update(_expires(meta, None, request.app[CONFIG]))
@@ -365,6 +369,9 @@ async def _append(request: web.Request, meta: SessionMeta, offset: int
         raise E.INVALID_LENGTH(reason="Upload-Length must be a non-negative integer") from None
     checksum = parse_checksum(request.headers.get("Upload-Checksum"))
     max_patch = max_chunk_size(config, store.limits)
+    if declared is not None and not meta.length_known:  # a late length: counted as a new one
+        await quotas.check_new_session(store, request.app[QUOTAS], meta.client or "",
+                                       declared, new=False)
     length = request.content_length if encoding == "identity" else None
     if length is not None and length > max_patch:
         raise E.PATCH_TOO_LARGE(max_patch_size=max_patch)
@@ -377,14 +384,18 @@ async def _append(request: web.Request, meta: SessionMeta, offset: int
     active = _Active(body)
     running = request.app[TUS].active
     running[meta.session_id] = active
-    watcher = asyncio.create_task(_watch_stop(request, meta.session_id, body, time.time()))
+    watcher = asyncio.create_task(_watch_stop(request, meta.session_id, body,
+                                              await store.stop_mark(meta.session_id)))
     hub = request.app[HUB]
     try:
-        return await tus.append(
+        meta, new = await tus.append(
             store, meta, offset=offset, body=body, content_length=length,
             declared_length=declared, checksum=checksum, max_patch=max_patch,
             max_file_size=config.max_file_size,
             progressed=lambda: hub.poke(meta.session_id))
+        if declared is not None and request.app[QUOTAS].active:
+            request.app[QUOTAS].created(meta.session_id, meta.client or "", meta.total_size)
+        return meta, new
     finally:
         watcher.cancel()
         slots.give(client)
@@ -393,15 +404,17 @@ async def _append(request: web.Request, meta: SessionMeta, offset: int
         active.done.set()
 
 
-async def _watch_stop(request: web.Request, sid: str, body: RequestBody, since: float) -> None:
-    """Another process may ask this PATCH to stop (a stop file): look every second."""
+async def _watch_stop(request: web.Request, sid: str, body: RequestBody, since: object) -> None:
+    """Another process may ask this PATCH to stop (the stop mark changes): look every second."""
     store = request.app[STORE]
-    with contextlib.suppress(ChunkdError, OSError):
-        while True:
-            await asyncio.sleep(STOP_POLL_SECONDS)
-            if await store.stop_requested(sid, since):
+    while True:
+        await asyncio.sleep(STOP_POLL_SECONDS)
+        try:
+            if await store.stop_mark(sid) != since:
                 body.stop(tus.StopRequested())
                 return
+        except (ChunkdError, OSError):  # this round only (the session may be going away)
+            continue
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -110,7 +110,7 @@ def is_tus(request: web.Request, tus_path: str) -> bool:
 
 def for_tus_client(method: str, exc: ChunkdError) -> ChunkdError:
     """The error as a tus client should see it (see the module's docstring)."""
-    if method == "HEAD" and (exc.status >= 500 or exc.status == 429) and exc.status != 507:
+    if method == "HEAD" and (exc.status >= 500 or exc.status == 429):
         return E.RETRY_LATER(reason=exc.message)
     if exc.code == "rate_limited":
         return E.SERVER_BUSY(retry_after=exc.details.get("retry_after", 1))

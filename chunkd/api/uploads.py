@@ -208,6 +208,8 @@ def status_document(state: SessionState, idle_ttl: float | None = None) -> dict[
 async def get_status(request: web.Request) -> web.Response:
     subject = subject_of(request)
     state = await request.app[STORE].state(request.match_info["session_id"])
+    if state.meta.is_tus:  # its progress is on the WebSocket; its state is tus's HEAD
+        raise E.SESSION_NOT_FOUND()
     check_owner(state.meta, subject)
     return json_response(status_document(state, request.app[CONFIG].idle_session_ttl))
 

@@ -97,11 +97,15 @@ async def _run(store: SessionStore, runner: TaskRunner, state: SessionState, cla
     assert claim.task_id is not None
     sid = state.meta.session_id
     blob = await store.blob(sid)
-    if blob is None:
-        mime = "unknown"  # a hand-off that crashed after its move: the file is already there
+    try:
+        head = await blob.read(0, MAGIC_BYTES_MAX) if blob is not None else None
+    except FileNotFoundError:  # a tus final upload whose parts were being moved: see below
+        head = None
+    if head is None:
+        mime = "unknown"  # a hand-off that crashed in or after its move: it goes on from there
     else:
         try:
-            mime = await check_media(await blob.read(0, MAGIC_BYTES_MAX))
+            mime = await check_media(head)
         except ChunkdError as exc:
             await store.record_failure(sid, exc)
             raise

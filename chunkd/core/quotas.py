@@ -75,15 +75,16 @@ async def _held(store: SessionStore, quotas: Quotas) -> dict[str, tuple[str, int
     return usage.held
 
 
-async def check_new_session(store: SessionStore, quotas: Quotas, client: str, total_size: int
-                            ) -> None:
+async def check_new_session(store: SessionStore, quotas: Quotas, client: str, total_size: int,
+                            *, new: bool = True) -> None:
     """Raise ``session_quota`` / ``storage_quota`` (429) or ``insufficient_storage`` (507) if a
-    new session of ``total_size`` bytes for ``client`` would go over a quota."""
+    new session of ``total_size`` bytes for ``client`` would go over a quota (``new=False``:
+    ``total_size`` more bytes for a session the client has, e.g. a tus length declared late)."""
     if not quotas.active:
         return
     held = list((await _held(store, quotas)).values())
     mine = [size for who, size in held if who == client]
-    if quotas.max_sessions_per_client and len(mine) >= quotas.max_sessions_per_client:
+    if new and quotas.max_sessions_per_client and len(mine) >= quotas.max_sessions_per_client:
         raise E.SESSION_QUOTA(max_sessions=quotas.max_sessions_per_client)
     if quotas.max_bytes_per_client and sum(mine) + total_size > quotas.max_bytes_per_client:
         raise E.STORAGE_QUOTA(max_bytes=quotas.max_bytes_per_client)

@@ -47,3 +47,5 @@ async def recover_once(store: SessionStore, runner: TaskRunner) -> None:
                 await runner.adopt(state)
         except ChunkdError as exc:
             log.info("recovery of session %s: %s", sid, exc.message)
+        except Exception:  # one session's trouble must not stop the others' recovery
+            log.exception("recovery of session %s failed", sid)

@@ -223,7 +223,8 @@ class Appends(Protocol):
         """Ask the PATCH holding the upload, in any process, to stop and keep what it has."""
         ...
 
-    async def stop_requested(self, session_id: str, since: float) -> bool:
+    async def stop_mark(self, session_id: str) -> object:
+        """Changes whenever :meth:`request_stop` is called for the upload (compare two)."""
         ...
 
     async def held(self, session_id: str) -> bool:

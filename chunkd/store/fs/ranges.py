@@ -132,6 +132,8 @@ class FileRangeWriter:
         self._written = 0
         self._synced = 0
         self._pending: asyncio.Future[None] | None = None
+        #: A batch write that failed: its bytes are not on disk, so nothing after may count.
+        self._failure: BaseException | None = None
         self._lent: list[bytearray] = []  # the two buffers lent to buffer()/filled()
         self._lent_fill = 0
 
@@ -190,20 +192,35 @@ class FileRangeWriter:
             _pwrite_async(self._fd, batch, pos, self._hasher, self._durable))
 
     async def _wait_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                await pending
-            except OSError as exc:
-                if disk_full(exc):
-                    raise E.INSUFFICIENT_STORAGE(reason="the disk is full") from None
+        if self._failure is not None:
+            raise self._failure
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            # Shielded: a cancelled caller leaves the write pending (a thread cannot be
+            # stopped), and whoever commits or closes next waits for it.
+            await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if not pending.done():
                 raise
+            self._failure = OSError("the write was cancelled")
+            raise
+        except OSError as exc:
+            self._failure = (E.INSUFFICIENT_STORAGE(reason="the disk is full")
+                             if disk_full(exc) else exc)
+            raise self._failure from None
+        finally:
+            if pending.done():
+                self._pending = None
 
     async def commit(self) -> str | None:
         await self._submit_lent()
         if self._batch:
             await self._submit()
         await self._wait_pending()
+        if self._failure is not None:
+            raise self._failure
         if self._durable:
             try:
                 await _fdatasync_async(self._fd)

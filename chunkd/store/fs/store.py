@@ -286,8 +286,8 @@ class FileSystemStore:
         sid = meta.session_id
         staging = self.layout.staging(sid)
         index = None
+        staging.mkdir()  # before the try: a staging folder that exists is someone else's
         try:
-            staging.mkdir()
             (staging / self.layout.chunks(sid).name).mkdir()
             disk = os.statvfs(self.layout.root)
             # Each chunk's marker takes a block and an inode: counted with the file's bytes.
@@ -338,7 +338,8 @@ class FileSystemStore:
         try:
             os.link(tmp, index)
         except FileExistsError:
-            raise E.TASK_ID_IN_USE(task_id=task_id) from None
+            if index.read_text().strip() != sid:  # not the same final upload, made meanwhile
+                raise E.TASK_ID_IN_USE(task_id=task_id) from None
         finally:
             os.unlink(tmp)
         self._sync_dir(index.parent)
@@ -650,6 +651,10 @@ class FileSystemStore:
         """A deferred length, declared once: reserve its bytes, then record it (link(2))."""
         sid = meta.session_id
         path = self.layout.data(sid)
+        disk = os.statvfs(self.layout.root)
+        more = max(0, length - os.stat(path).st_blocks * 512)
+        if more + self.min_free > disk.f_bavail * disk.f_frsize:
+            raise E.INSUFFICIENT_STORAGE(reason="the file does not fit on the disk")
         fd = os.open(path, os.O_WRONLY)
         try:
             _allocate(fd, length)
@@ -673,16 +678,23 @@ class FileSystemStore:
         await asyncio.to_thread(self._request_stop_sync, session_id)
 
     def _request_stop_sync(self, sid: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            write_text_durably(self.layout.stop_request(sid), str(os.getpid()), False)
+        """A new stop file (a new inode: its mark changes even within one clock tick)."""
+        path = self.layout.stop_request(sid)
+        tmp = path.with_name(f".stop.{uuid.uuid4().hex}")
+        with contextlib.suppress(OSError):  # gone, or a full disk: the lock wait still works
+            write_text_durably(tmp, str(os.getpid()), False)
+            os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
-    async def stop_requested(self, session_id: str, since: float) -> bool:
-        """Did someone ask, after ``since`` (the store's clock), for this upload's PATCH to stop?"""
+    async def stop_mark(self, session_id: str) -> object:
+        """Something that changes whenever a stop is asked for (no clocks compared: hosts
+        sharing the folder need not agree on the time)."""
         try:
             st = await asyncio.to_thread(os.stat, self.layout.stop_request(session_id))
         except FileNotFoundError:
-            return False
-        return st.st_mtime >= since
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     async def held(self, session_id: str) -> bool:
         """Is a PATCH (any process) holding the upload right now?"""
@@ -719,11 +731,19 @@ class FileSystemStore:
                 "part_sizes": [p.total_size for p in parts]})
             try:
                 self._create_sync(meta)
-            except OSError as exc:  # the same final POST, at the same time: it made it
-                if not self.layout.session(fid).is_dir():
-                    raise
-                log.info("final upload %s made by a concurrent request (%s)", fid, exc)
+            except FileExistsError:  # the same final POST, at the same time: let it finish
+                deadline = time.monotonic() + 10
+                while not self.layout.session(fid).is_dir() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                log.info("final upload %s made by a concurrent request", fid)
             meta = self._meta(fid)
+        failure = read_json(self.layout.failure(fid))
+        if failure is not None:  # made before, and its file refused: say so again
+            raise ChunkdError.from_record(failure)
+        for part in parts:  # every part free (or this final's) before any is taken
+            claim = self._read_claim(part.session_id)
+            if claim is not None and (claim.kind is not EndKind.CONCAT or claim.task_id != fid):
+                raise E.PARTIAL_IN_USE(upload_id=part.session_id)
         for k, part in enumerate(parts):
             claim = self._claim_sync(part.session_id, EndKind.CONCAT, ref=fid)
             if claim.kind is not EndKind.CONCAT or claim.task_id != fid:
