@@ -742,3 +742,102 @@ def test_two_processes_one_upload_a_stale_patch_in_one_is_stopped_from_the_other
             return
         time.sleep(0.1)
     raise AssertionError("not handed off")
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+async def test_a_creation_with_the_whole_file_is_handed_off_at_once(tus, tus_config):
+    resp = await tus.post("/files/", data=SPEECH, headers={
+        **TUS, **STREAM, "Upload-Length": str(len(SPEECH)),
+        "Upload-Metadata": md(filename="a.wav")})
+    assert resp.status == 201 and resp.headers["Upload-Offset"] == str(len(SPEECH))
+    # not ~35 s later by recovery: at once
+    assert sha256(await handed_off(tus_config.data_dir, timeout=5)) == sha256(SPEECH)
+
+
+async def test_a_late_length_passes_the_quota(aiohttp_client, tmp_path):
+    config = Config(data_dir=tmp_path / "data", max_reserved_bytes_per_subject=10_000)
+    tus = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    url = await create(tus, None, **{"Upload-Defer-Length": "1"})
+    resp = await patch(tus, url, 0, b"x" * 10, **{"Upload-Length": "50000"})
+    assert resp.status == 429 and (await resp.json())["error"]["code"] == "storage_quota"
+    assert (await head(tus, url)).headers["Upload-Defer-Length"] == "1"  # nothing declared
+    assert (await patch(tus, url, 0, b"x" * 10, **{"Upload-Length": "5000"})).status == 204
+
+
+async def test_identical_final_posts_at_once_make_one_upload(tus, tus_config):
+    third = len(SPEECH) // 3
+    urls = await partials(tus, [SPEECH[:third], SPEECH[third:2 * third], SPEECH[2 * third:]])
+    headers = {**TUS, "Upload-Concat": "final;" + " ".join(urls),
+               "Upload-Metadata": md(filename="a.wav", taskId=str(uuid.uuid4()))}
+    first, second = await asyncio.gather(tus.post("/files/", headers=headers),
+                                         tus.post("/files/", headers=headers))
+    assert (first.status, second.status) == (201, 201), (await first.text(), await second.text())
+    assert first.headers["Location"] == second.headers["Location"]
+    assert sha256(await handed_off(tus_config.data_dir)) == sha256(SPEECH)
+
+
+async def test_a_refused_final_post_takes_no_partial(tus):
+    a, c = await partials(tus, [b"a" * 10, b"c" * 10])
+    assert (await tus.post("/files/", headers={**TUS, "Upload-Concat": f"final;{a}"})).status \
+        == 201
+    resp = await tus.post("/files/", headers={**TUS, "Upload-Concat": f"final;{c} {a}"})
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "partial_in_use"
+    assert (await tus.post("/files/", headers={**TUS, "Upload-Concat": f"final;{c}"})).status \
+        == 201  # c was not trapped by the refused POST
+
+
+async def test_the_chunk_api_does_not_serve_a_tus_upload(tus):
+    url = await create(tus, 100)
+    sid = url.rsplit("/", 1)[1]
+    resp = await tus.post(f"/upload/chunked/{sid}/chunk", params={"index": "0"}, data=b"x" * 100,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert resp.status == 404
+    assert (await tus.get(f"/upload/chunked/{sid}/status")).status == 404
+
+
+async def test_a_crash_while_a_final_upload_moves_is_finished_from_where_it_was(
+        tus, tus_config):
+    """The folder hand-off had moved the first part into place when the process died: the
+    finalize done again (recovery's) goes on from there, and the file is whole."""
+    from chunkd.core.finalize import finalize
+    from chunkd.keys import RUNNER, STORE
+
+    store, runner = tus.server.app[STORE], tus.server.app[RUNNER]
+    third = len(SPEECH) // 3
+    urls = await partials(tus, [SPEECH[:third], SPEECH[third:2 * third], SPEECH[2 * third:]])
+    metas = [await store.get(u.rsplit("/", 1)[1]) for u in urls]
+    task = str(uuid.uuid4())
+    meta = await store.concatenate(
+        metas, ttl=3600, session_id=str(uuid.uuid4()), protocol="tus", filename="a.wav",
+        extension="wav", total_size=len(SPEECH), chunk_size=len(SPEECH), total_chunks=1,
+        concat="final", task_id=task, language=None, model=None, task_params={})
+    target = tus_config.data_dir / "completed" / task / "upload.wav"
+    target.parent.mkdir(parents=True)
+    parts = tus_config.data_dir / "sessions" / meta.session_id / "parts"
+    os.rename(parts / "0", target)  # ... and then the process died
+    await finalize(store, runner, meta.session_id)
+    assert sha256(target.read_bytes()) == sha256(SPEECH)
+    assert not list(parts.iterdir())  # every part is in the file, none left twice
+
+
+async def test_a_failed_write_is_never_counted(tus, tus_config):
+    """A batch that could not be written (here: EBADF) makes the writer unusable, so keeping a
+    cut PATCH's prefix cannot count bytes that are not on disk."""
+    from chunkd.store.fs.ranges import WRITE_BUFFER, FileRangeWriter
+
+    url = await create(tus, 4 * WRITE_BUFFER)
+    sid = url.rsplit("/", 1)[1]
+    fd = os.open(tus_config.data_dir / "sessions" / sid / "data", os.O_RDONLY)
+    try:
+        writer = FileRangeWriter(fd, 0, 4 * WRITE_BUFFER, hashed=False, durable=True)
+        await writer.write(b"x" * WRITE_BUFFER)  # submitted: fails in its thread
+        with pytest.raises(OSError):
+            await writer.write(b"y" * WRITE_BUFFER)  # waits for the first: its error
+        with pytest.raises(OSError):
+            await writer.commit()
+        assert writer.durable_bytes == 0
+        await writer.close()
+    finally:
+        os.close(fd)
+    assert (await head(tus, url)).headers["Upload-Offset"] == "0"
