@@ -821,21 +821,34 @@ async def test_a_crash_while_a_final_upload_moves_is_finished_from_where_it_was(
     assert not list(parts.iterdir())  # every part is in the file, none left twice
 
 
-async def test_a_failed_write_is_never_counted(tus, tus_config):
-    """A batch that could not be written (here: EBADF) makes the writer unusable, so keeping a
-    cut PATCH's prefix cannot count bytes that are not on disk."""
+async def test_a_failed_write_is_never_counted(tus, tus_config, monkeypatch):
+    """A batch that could not be written (the disk was full for a moment) makes the writer
+    unusable: a later commit cannot count its bytes, so keeping a cut PATCH's prefix never
+    moves the offset past bytes that are not on disk."""
+    import errno
+
+    import chunkd.store.fs.ranges as ranges
     from chunkd.store.fs.ranges import WRITE_BUFFER, FileRangeWriter
 
+    real, calls = ranges._pwrite_async, []
+
+    async def full_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(*args)
+
+    monkeypatch.setattr(ranges, "_pwrite_async", full_once)
     url = await create(tus, 4 * WRITE_BUFFER)
     sid = url.rsplit("/", 1)[1]
-    fd = os.open(tus_config.data_dir / "sessions" / sid / "data", os.O_RDONLY)
+    fd = os.open(tus_config.data_dir / "sessions" / sid / "data", os.O_WRONLY)
     try:
         writer = FileRangeWriter(fd, 0, 4 * WRITE_BUFFER, hashed=False, durable=True)
-        await writer.write(b"x" * WRITE_BUFFER)  # submitted: fails in its thread
-        with pytest.raises(OSError):
+        await writer.write(b"x" * WRITE_BUFFER)  # submitted: fails (disk full)
+        with pytest.raises(Exception, match="disk"):
             await writer.write(b"y" * WRITE_BUFFER)  # waits for the first: its error
-        with pytest.raises(OSError):
-            await writer.commit()
+        with pytest.raises(Exception, match="disk"):
+            await writer.commit()  # the space is back, but the first batch is not on disk
         assert writer.durable_bytes == 0
         await writer.close()
     finally:
