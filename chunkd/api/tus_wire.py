@@ -6,7 +6,8 @@ What tus clients do with a status decides the mapping (``../shared/research/tus-
 tus-js-client retries 409, 423 and every 5xx on POST and PATCH, and nothing else of 4xx; on a
 ``HEAD`` (the resume) any answer but 2xx or 423 makes it forget the upload and start again from
 byte 0. So a transient refusal of a HEAD (draining, busy, rate-limited, storage unavailable) is
-423, and a rate limit elsewhere is a 503, which is retried, not a fatal 429.
+423, and a rate limit elsewhere is a 503, which is retried, not a fatal 429. (A body that stalls
+is a 503 too; :func:`chunkd.core.tus.append` says so, with the offset it kept.)
 """
 
 from __future__ import annotations
@@ -114,9 +115,7 @@ def for_tus_client(method: str, exc: ChunkdError) -> ChunkdError:
         return E.RETRY_LATER(reason=exc.message)
     if exc.code == "rate_limited":
         return E.SERVER_BUSY(retry_after=exc.details.get("retry_after", 1))
-    if exc.status == 408:  # a body too slow or silent: a retry goes on from the saved offset
-        return E.BODY_STALLED(reason=exc.message, offset="received")
-    return exc
+    return exc  # (a stalled body is already 503 body_stalled: chunkd.core.tus.append)
 
 
 def add_tus_headers(resp: web.StreamResponse, status: int) -> None:
