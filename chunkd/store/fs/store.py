@@ -741,13 +741,10 @@ class FileSystemStore:
         if failure is not None:  # made before, and its file refused: say so again
             raise ChunkdError.from_record(failure)
         for part in parts:  # every part free (or this final's) before any is taken
-            claim = self._read_claim(part.session_id)
-            if claim is not None and (claim.kind is not EndKind.CONCAT or claim.task_id != fid):
-                raise E.PARTIAL_IN_USE(upload_id=part.session_id)
+            _part_free(part.session_id, self._read_claim(part.session_id), fid)
         for k, part in enumerate(parts):
-            claim = self._claim_sync(part.session_id, EndKind.CONCAT, ref=fid)
-            if claim.kind is not EndKind.CONCAT or claim.task_id != fid:
-                raise E.PARTIAL_IN_USE(upload_id=part.session_id)
+            _part_free(part.session_id, self._claim_sync(part.session_id, EndKind.CONCAT, ref=fid),
+                       fid)
             try:
                 os.rename(self.layout.data(part.session_id), self.layout.part(fid, k))
             except FileNotFoundError:
@@ -1006,6 +1003,12 @@ class FileSystemStore:
         except FileNotFoundError:
             return None
         return FileBlob(path, size, self.durable)
+
+
+def _part_free(part_id: str, claim: Claim | None, fid: str) -> None:
+    """A partial upload may go into the final upload ``fid`` only if nothing else has it."""
+    if claim is not None and (claim.kind is not EndKind.CONCAT or claim.task_id != fid):
+        raise E.PARTIAL_IN_USE(upload_id=part_id)
 
 
 def _allocate(fd: int, size: int) -> None:
