@@ -15,18 +15,30 @@ scenarios) runs at once:
   lines, bad ``Expect``, ``Content-Encoding``, chunked transfer encoding, connections dropped in
   the middle of a body, idle and trickling sockets, concurrent abort/abort, abort/finalize,
   finalize/finalize, duplicate chunks, chunks after abort, requests on 404/410 sessions;
+- tus 1.0 at ``/files/`` (``--tus-path``), next to the chunk API: normal uploads (creation,
+  sometimes with upload, sometimes with a deferred length declared by a later PATCH; PATCHes of
+  random sizes, some with ``Upload-Checksum``; ``taskId`` metadata sometimes), resumed from
+  ``HEAD`` after any failure; concatenations of 2-4 partial uploads (the final POST sometimes
+  sent twice); each handed-off file, found from ``/ws/tasks/<taskId or upload id>``, must have
+  the sha256 of what was sent. Hostile tus requests (412, 400, 413, 415, 422, 409, 460, 403,
+  404, 410, 401, method override), and races: two PATCHes at one offset, a stale PATCH that a
+  HEAD must stop within ~3 s, a PATCH dropped mid-body, DELETE during a PATCH;
 - injected faults: the disk filled to the last block (uploads, aborts and a finalize go on),
   the data dir remounted read-only for a few seconds, and ``kill -9`` of the server in the
   middle of uploads followed by a restart on the same data dir (the uploads resume from
-  ``/status`` and must still end with the right sha256).
+  ``/status`` or tus ``HEAD`` and must still end with the right sha256). A tus HEAD is never
+  5xx, also during the faults (``423`` is its transient answer).
 
 Every answer must be JSON, errors ``{"error": {"code", "message"}}`` with a code and status
 listed in docs/API.md; a 5xx other than ``503 storage_unavailable/server_busy/shutting_down``
 and ``507`` is a failure; every answer outside what the scenario expects is recorded
 (method, path, status, body excerpt). A chunk is *lost* when the server answered 200 for it and
-``/status`` later calls it missing or the finished file does not hold its bytes.
+``/status`` later calls it missing or the finished file does not hold its bytes; tus bytes are
+*lost* when an offset the server answered (201, 204, HEAD, or an error's ``offset``) is later
+answered lower by a HEAD, or the handed-off file differs from what was sent.
 
-Exit status 0 only with no 500, no chunk lost and no unexpected answer. ``--json`` prints the
+Exit status 0 only with no 500, no chunk or tus byte lost, no tus HEAD answered 5xx and no
+unexpected answer. ``--json`` prints the
 machine-readable report on stdout (the table then goes to stderr).
 
     sudo .venv/bin/python scripts/battery.py --duration 60 [--json] [--seed N]
@@ -45,6 +57,7 @@ import contextlib
 import ctypes
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -82,15 +95,25 @@ NOT_MEDIA = ("text-renamed.mp3", "elf-renamed.wav", "archive-renamed.m4a")
 SUBJECTS = ("alice", "bob")
 #: 5xx answers the contract documents (anything else 5xx is a failure).
 ALLOWED_5XX = {(503, "storage_unavailable"), (503, "server_busy"), (503, "shutting_down"),
-               (507, "insufficient_storage")}
+               (503, "body_stalled"), (507, "insufficient_storage")}
 #: Seconds around a fault within which its errors are expected.
 FAULT_GRACE = 1.5
 #: Server settings (each passed only if ``chunkd serve --help`` lists the flag).
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 2.0
 MAX_FILE_SIZE = "1GiB"
+MAX_FILE_SIZE_BYTES = 1024 ** 3
 MAX_CONNECTIONS = 256
 UNEXPECTED_KEPT = 300
+#: tus: the path chunkd serves it at (passed as --tus-path), its version and body type.
+TUS_PATH = "/files/"
+TUS_VERSION = "1.0.0"
+OFFSET_STREAM = "application/offset+octet-stream"
+TUS_ALGORITHMS = ("sha1", "sha256", "md5")
+#: A HEAD for an upload a stale PATCH holds must answer within this (docs: at most 2 s waiting
+#: for the PATCH to let go; the rest is slack for a loaded machine).
+STALE_HEAD_LIMIT = 3.5
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -144,6 +167,17 @@ class Expect:
                 if status in self.allowed and self.allowed[status] is None:
                     continue
                 self.allowed[status] = (self.allowed.get(status) or set()) | wanted
+
+    def plus(self, *items: int | tuple[int, str | Iterable[str] | None]) -> Expect:
+        """This and ``items``."""
+        out, more = Expect(), Expect(*items)
+        out.allowed = dict(self.allowed)
+        for status, codes in more.allowed.items():
+            if codes is None or (status in out.allowed and out.allowed[status] is None):
+                out.allowed[status] = None
+            else:
+                out.allowed[status] = (out.allowed.get(status) or set()) | codes
+        return out
 
     def ok(self, status: int, code: str | None) -> bool:
         if status not in self.allowed:
@@ -214,6 +248,86 @@ class Upload:
     def session_body(self) -> dict[str, Any]:
         return {"filename": self.filename, "total_size": len(self.data),
                 "chunk_size": self.chunk_size, "total_chunks": self.total_chunks}
+
+
+def hdr(r: Resp, name: str) -> str | None:
+    """A header of an answer, by its name in any case."""
+    lname = name.lower()
+    return next((v for k, v in r.headers.items() if k.lower() == lname), None)
+
+
+def tus_md(pairs: list[tuple[str, str | None]]) -> str:
+    """``Upload-Metadata``: ``key base64`` pairs (a key alone for None)."""
+    return ",".join(k if v is None else f"{k} {base64.b64encode(v.encode()).decode()}"
+                    for k, v in pairs)
+
+
+def tus_digest(algorithm: str, body: bytes) -> str:
+    """The base64 digest of ``Upload-Checksum``."""
+    return base64.b64encode(hashlib.new(algorithm, body).digest()).decode()
+
+
+async def paced_body(parts: list[bytes], pause: float) -> AsyncIterator[bytes]:
+    """A request body in pieces with a pause before each but the first (chunked encoding)."""
+    for k, part in enumerate(parts):
+        if k:
+            await asyncio.sleep(pause)
+        yield part
+
+
+#: What a normal tus PATCH may be answered (beyond what a fault explains): 409 and 423 tell the
+#: client to HEAD or retry, 503 to retry after a HEAD.
+PATCH_OK = Expect(204, (409, "offset_mismatch"), (423, "upload_locked"),
+                  (503, ("server_busy", "body_stalled")))
+
+
+@dataclass
+class TusUpload:
+    """One tus upload as the battery knows it: what it sent and the offsets it was answered."""
+
+    owner: str
+    data: bytes
+    scenario: str
+    filename: str | None = None  # None: no filename in the metadata (stored as upload.bin)
+    name_key: str = "filename"  # or Uppy's "name"
+    task_id: str | None = None
+    extra_md: list[tuple[str, str | None]] = field(default_factory=list)
+    deferred: bool = False
+    partial: bool = False
+    final: bool = False
+    checksums: str = "none"  # none | all | some
+    url: str = ""
+    declared: bool = False  # a deferred length told to the server
+    confirmed: int = 0  # the highest offset the server answered
+    sent: int = 0  # the end of the furthest byte put on the wire
+    lost: int = 0
+    handoff: dict[str, Any] | None = None  # the task's final message, once seen
+
+    @property
+    def uid(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def extension(self) -> str:
+        return self.filename.rsplit(".", 1)[-1].lower() if self.filename else "bin"
+
+    @property
+    def length_known(self) -> bool:
+        return not self.deferred or self.declared
+
+    @property
+    def completes(self) -> bool:
+        """Its last byte starts a finalize (a partial's does not)."""
+        return not self.partial
+
+    def metadata(self) -> str | None:
+        pairs: list[tuple[str, str | None]] = []
+        if self.filename is not None:
+            pairs.append((self.name_key, self.filename))
+        if self.task_id is not None:
+            pairs.append(("taskId", self.task_id))
+        pairs += self.extra_md
+        return tus_md(pairs) if pairs else None
 
 
 class Gate:
@@ -493,6 +607,13 @@ class Report:
     chunks_lost: int = 0
     lost_detail: list[dict[str, Any]] = field(default_factory=list)
     scenarios: Counter[str] = field(default_factory=Counter)
+    tus: Counter[str] = field(default_factory=Counter)
+    tus_answers: Counter[str] = field(default_factory=Counter)
+    tus_bytes_acked: int = 0
+    tus_bytes_lost: int = 0
+    tus_lost_detail: list[dict[str, Any]] = field(default_factory=list)
+    tus_head_5xx: int = 0
+    tus_head_max_s: float = 0.0
     findings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -529,6 +650,9 @@ class Battery:
         self.server_down = False
         self.temp_left: dict[str, list[str]] = {}
         self.max_connections = 0
+        self.tus_on = False
+        self.max_patch = 95 * MiB  # read from GET /upload/chunked/limits at start
+        self.max_file_size = MAX_FILE_SIZE_BYTES
 
     # -- time and budget ------------------------------------------------------------------
 
@@ -617,9 +741,13 @@ class Battery:
                 "path": path, "status": status, "expected": expected, "note": note,
                 "body": excerpt(body)})
 
-    def shape_problem(self, method: str, status: int, body: bytes, ctype: str) -> str | None:
-        """Why an answer breaks the API's JSON contract, or None."""
+    def shape_problem(self, method: str, status: int, body: bytes, ctype: str,
+                      tus: bool = False) -> str | None:
+        """Why an answer breaks the API's JSON contract, or None. (tus: a success has no body;
+        its errors are the API's JSON.)"""
         if method == "HEAD" or status == 101:
+            return None
+        if tus and status < 300 and not body:
             return None
         try:
             doc = json.loads(body)
@@ -644,7 +772,7 @@ class Battery:
         return None
 
     def judge(self, scenario: str, method: str, path: str, status: int, body: bytes,
-              ctype: str, expect: Expect, t0: float) -> Resp:
+              ctype: str, expect: Expect, t0: float, tus: bool = False) -> Resp:
         rep = self.report
         rep.by_status[status] += 1
         try:
@@ -673,7 +801,8 @@ class Battery:
                 self.unexpected(scenario, method, path, status, body, str(expect),
                                 "undocumented 5xx")
                 return resp
-        problem = None if health is not None else self.shape_problem(method, status, body, ctype)
+        problem = None if health is not None else self.shape_problem(method, status, body, ctype,
+                                                                     tus)
         if problem is not None:
             self.unexpected(scenario, method, path, status, body, str(expect), problem)
         elif not is_ok:
@@ -690,7 +819,7 @@ class Battery:
                    data: Any = None, params: dict[str, Any] | None = None,
                    timeout: float = 20.0, allow_no_answer: bool = False,
                    encoded_path: bool = False, chunk: bool = False,
-                   privileged: bool = False, **kwargs: Any) -> Resp | None:
+                   privileged: bool = False, tus: bool = False, **kwargs: Any) -> Resp | None:
         """One request through aiohttp: counted, judged, recorded. None when no answer."""
         assert self.http is not None
         if not privileged:
@@ -707,7 +836,7 @@ class Battery:
             ) as r:
                 body = await r.read()
                 resp = self.judge(scenario, method, path, r.status, body,
-                                  r.headers.get("Content-Type", ""), expect, t0)
+                                  r.headers.get("Content-Type", ""), expect, t0, tus)
                 resp.headers = dict(r.headers)
                 return resp
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -729,7 +858,7 @@ class Battery:
     async def raw(self, scenario: str, pieces: list[tuple[bytes, float]], *,
                   expect: Expect | None, label: str, responses: int = 1,
                   timeout: float = 10.0, allow_no_answer: bool = False,
-                  rst: bool = False, read: bool = True) -> list[Resp]:
+                  rst: bool = False, read: bool = True, tus: bool = False) -> list[Resp]:
         """Bytes straight on a socket (each piece then its pause); read ``responses`` answers.
         ``expect`` None: no answer is wanted (the client hangs up)."""
         await self._wait_unpaused()
@@ -764,7 +893,12 @@ class Battery:
             if reading is None or expect is None:
                 return out
             for status, ctype, body in await asyncio.wait_for(reading, timeout):
-                out.append(self.judge(scenario, "RAW", label, status, body, ctype, expect, t0))
+                out.append(self.judge(scenario, "RAW", label, status, body, ctype, expect, t0,
+                                      tus))
+                if tus:
+                    code = out[-1].code
+                    self.report.tus_answers[f"RAW {label}: {status}"
+                                           f"{' ' + code if code else ''}"] += 1
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             kind = f"raw {type(exc).__name__}"
             self.report.no_answer[kind] += 1
@@ -1949,6 +2083,1221 @@ class Battery:
         ok = await self.upload_through(up, parallel=2)
         await self.finish_follow(follower, up, ok)
 
+    # -- tus: requests and bookkeeping ----------------------------------------------------
+
+    def tus_headers(self, owner: str | None, **extra: str) -> dict[str, str]:
+        h = {"Tus-Resumable": TUS_VERSION}
+        if owner is not None:
+            h.update(self.auth(owner))
+        h.update(extra)
+        return h
+
+    async def tus_call(self, scenario: str, method: str, path: str, *, expect: Expect,
+                       headers: dict[str, str], data: Any = None, head_like: bool = False,
+                       **kwargs: Any) -> Resp | None:
+        """One tus request: judged like any other, and every answer must carry
+        ``Tus-Resumable: 1.0.0`` (412 also ``Tus-Version``); a HEAD (or a POST overridden to
+        HEAD) answered 5xx is counted on its own: never allowed, faults or not."""
+        r = await self.call(scenario, method, path, expect=expect, headers=headers, data=data,
+                            tus=True, **kwargs)
+        verb = "HEAD (override)" if head_like else method
+        self.report.tus_answers[f"{verb} {r.status if r else 'none'}"
+                               f"{' ' + r.code if r is not None and r.code else ''}"] += 1
+        if r is None:
+            return None
+        if hdr(r, "Tus-Resumable") != TUS_VERSION:
+            self.unexpected(scenario, method, path, r.status, r.body, "Tus-Resumable: 1.0.0",
+                            "a tus answer without Tus-Resumable: 1.0.0")
+        if r.status == 412 and hdr(r, "Tus-Version") != TUS_VERSION:
+            self.unexpected(scenario, method, path, 412, r.body, "Tus-Version: 1.0.0",
+                            "412 without Tus-Version")
+        if (method == "HEAD" or head_like) and r.status >= 500:
+            self.report.tus_head_5xx += 1
+        return r
+
+    def tus_offset(self, up: TusUpload, off: int, where: str, check: bool = True) -> None:
+        """An offset the server answered: never beyond what was sent, never below one it
+        answered before (that would be bytes lost). ``check`` False: only a lower bound for
+        what follows (an answer that raced others)."""
+        if off > up.sent:
+            self.unexpected(up.scenario, where, up.url, off, "", f"<= {up.sent} bytes sent",
+                            "an offset beyond the bytes sent")
+            return
+        if off < up.confirmed and not check:
+            return
+        if off < up.confirmed:
+            gone = up.confirmed - off
+            self.report.tus_bytes_lost += gone
+            up.lost += gone
+            self.report.tus_lost_detail.append({
+                "scenario": up.scenario, "upload": up.url, "where": where,
+                "answered_before": up.confirmed, "now": off, "bytes": gone,
+                "t": round(self.now() - self.t0, 2), "epoch": self.epoch})
+            up.confirmed = off  # sent again, so that the upload can still finish
+        elif off > up.confirmed:
+            self.report.tus_bytes_acked += off - up.confirmed
+            up.confirmed = off
+
+    def tus_error_offset(self, up: TusUpload, r: Resp, where: str, check: bool = True) -> None:
+        """409 offset_mismatch and 503 body_stalled name the server's offset: an answer too."""
+        if isinstance(r.doc, dict) and isinstance(r.doc.get("error"), dict):
+            off = r.doc["error"].get("offset")
+            if isinstance(off, int) and not isinstance(off, bool):
+                self.tus_offset(up, off, where, check)
+
+    def tus_check_head(self, up: TusUpload, r: Resp, where: str) -> int | None:
+        """A HEAD's 200: its headers as documented; its offset is booked. Returns it."""
+        try:
+            off = int(hdr(r, "Upload-Offset") or "")
+        except ValueError:
+            self.unexpected(up.scenario, "HEAD", up.url, 200, str(r.headers)[:300],
+                            "Upload-Offset", "HEAD without a numeric Upload-Offset")
+            return None
+        length, defer = hdr(r, "Upload-Length"), hdr(r, "Upload-Defer-Length")
+        if length is not None:
+            if length != str(len(up.data)):
+                self.unexpected(up.scenario, "HEAD", up.url, 200, f"Upload-Length: {length}",
+                                f"Upload-Length: {len(up.data)}", "wrong Upload-Length")
+            up.declared = up.declared or up.deferred
+        elif defer != "1" or up.declared or not up.deferred:
+            self.unexpected(up.scenario, "HEAD", up.url, 200, str(r.headers)[:300],
+                            "Upload-Length" if up.length_known else "Upload-Defer-Length: 1",
+                            "HEAD without the length it should show")
+        if "no-store" not in (hdr(r, "Cache-Control") or ""):
+            self.unexpected(up.scenario, "HEAD", up.url, 200, str(r.headers)[:300],
+                            "Cache-Control: no-store", "a HEAD answer that may be cached")
+        md = up.metadata()
+        if md and (hdr(r, "Upload-Metadata") or "").strip() != md.strip():  # HTTP trims values
+            self.unexpected(up.scenario, "HEAD", up.url, 200,
+                            f"Upload-Metadata: {hdr(r, 'Upload-Metadata')}", md,
+                            "Upload-Metadata not as sent")
+        concat = hdr(r, "Upload-Concat")
+        if (up.partial and concat != "partial") or (up.final and not (concat or "").startswith(
+                "final;")):
+            self.unexpected(up.scenario, "HEAD", up.url, 200, f"Upload-Concat: {concat}",
+                            "partial" if up.partial else "final;...", "wrong Upload-Concat")
+        self.tus_offset(up, off, where)
+        return off
+
+    async def tus_head(self, up: TusUpload, *, tries: int = 120, where: str = "HEAD",
+                       privileged: bool = False) -> Resp | None:
+        """HEAD until it answers 200 (423 and no answer are waited out; a 5xx is counted and
+        retried). Another answer is returned as it is (the caller judged it)."""
+        r: Resp | None = None
+        for _ in range(tries):
+            t0 = self.now()
+            r = await self.tus_call(up.scenario, "HEAD", up.url, headers=self.tus_headers(
+                up.owner), expect=Expect(200, (423, None)), privileged=privileged)
+            self.report.tus_head_max_s = max(self.report.tus_head_max_s, self.now() - t0)
+            if r is not None and r.status == 200:
+                self.tus_check_head(up, r, where)
+                return r
+            if r is not None and r.status < 500 and r.status != 423:
+                return r
+            if self.now() > self.hard_deadline:
+                return r
+            await self.backoff(r)
+        return r
+
+    def tus_patch_headers(self, up: TusUpload, offset: int, body: bytes, *,
+                          declare: bool = False, checksum: bool | None = None) -> dict[str, str]:
+        h = self.tus_headers(up.owner, **{"Content-Type": OFFSET_STREAM,
+                                          "Upload-Offset": str(offset)})
+        if declare:
+            h["Upload-Length"] = str(len(up.data))
+        if checksum is None:
+            checksum = up.checksums == "all" or (up.checksums == "some" and
+                                                 self.rng.random() < 0.5)
+        if checksum:
+            algorithm = self.rng.choice(TUS_ALGORITHMS)
+            h["Upload-Checksum"] = f"{algorithm} {tus_digest(algorithm, body)}"
+        return h
+
+    async def tus_create(self, up: TusUpload, first: int = 0, *, retry: bool = True,
+                         expect: Expect | None = None, privileged: bool = False) -> bool:
+        """POST the upload (``first`` bytes with it: creation-with-upload). A creation that got
+        no answer may exist or not: a client that lost its Location starts a new upload (with
+        a new taskId: the old one may be taken)."""
+        for _ in range(200):
+            headers = self.tus_headers(up.owner)
+            if up.deferred:
+                headers["Upload-Defer-Length"] = "1"
+            else:
+                headers["Upload-Length"] = str(len(up.data))
+            if up.partial:
+                headers["Upload-Concat"] = "partial"
+            md = up.metadata()
+            if md is not None:
+                headers["Upload-Metadata"] = md
+            body = None
+            if first:
+                body = up.data[:first]
+                headers.update(self.tus_patch_headers(up, 0, body))
+                del headers["Upload-Offset"]
+            whole = first == len(up.data) and up.completes
+            async with self.gate.shared() if whole else contextlib.nullcontext():
+                up.sent = max(up.sent, first)
+                r = await self.tus_call(up.scenario, "POST", TUS_PATH, headers=headers,
+                                        data=body, chunk=bool(first), privileged=privileged,
+                                        expect=expect or Expect(201, (503, "server_busy")))
+                if r is not None and r.status == 201:
+                    loc = hdr(r, "Location") or ""
+                    if not re.fullmatch(re.escape(TUS_PATH) + UUID_RE.pattern, loc):
+                        self.unexpected(up.scenario, "POST", TUS_PATH, 201, f"Location: {loc}",
+                                        f"{TUS_PATH}<uuid>", "a Location that is not "
+                                        "path-absolute /files/<uuid>")
+                        return False
+                    up.url = loc
+                    try:
+                        off = int(hdr(r, "Upload-Offset") or "")
+                    except ValueError:
+                        self.unexpected(up.scenario, "POST", TUS_PATH, 201, str(r.headers)[:300],
+                                        "Upload-Offset", "a creation without Upload-Offset")
+                        off = 0
+                    if first and off != first:
+                        self.report.tus["creation_body_cut"] += 1
+                    self.tus_offset(up, off, "creation")
+                    if not hdr(r, "Upload-Expires"):
+                        self.unexpected(up.scenario, "POST", TUS_PATH, 201, str(r.headers)[:300],
+                                        "Upload-Expires", "a creation without Upload-Expires")
+                    if whole and off == len(up.data):
+                        up.handoff = await self.tus_handoff(up, self.now() + 8)
+                    return True
+            if not retry or self.now() > self.hard_deadline or (
+                    r is not None and r.status not in (503, 507)):
+                return False
+            if up.task_id is not None:
+                up.task_id = str(uuid.uuid4())
+            up.sent = up.confirmed = 0
+            await self.backoff(r)
+        return False
+
+    async def tus_send(self, up: TusUpload, *, privileged: bool = False) -> bool:
+        """PATCH from the confirmed offset until the upload is whole, as a resuming client:
+        409 → HEAD and go on from its offset; 423 → the same PATCH again; no answer or 5xx →
+        HEAD, then on. The PATCH that completes the upload holds the finalize gate up to the
+        hand-off (so that no fault cuts a finalize in two)."""
+        total = len(up.data)
+        per = max(1, total // self.rng.choice((1, 2, 3, 4, 6, 10, 25)))
+        offset, need_head = up.confirmed, False
+        for _ in range(800):
+            if self.now() > self.hard_deadline:
+                return False
+            if need_head:
+                r = await self.tus_head(up, privileged=privileged)
+                if r is None or r.status != 200:
+                    return False
+                offset, need_head = up.confirmed, False
+                self.report.tus["resumed_by_head"] += 1
+            if offset >= total and up.length_known:
+                return True
+            end = min(total, offset + self.rng.randint(max(1, per // 2), max(1, per * 3 // 2)))
+            last = end == total
+            declare = up.deferred and not up.declared and (last or self.rng.random() < 0.15)
+            body = up.data[offset:end]
+            headers = self.tus_patch_headers(up, offset, body, declare=declare)
+            completes = last and up.completes and (up.length_known or declare)
+            async with self.gate.shared() if completes else contextlib.nullcontext():
+                up.sent = max(up.sent, end)
+                r = await self.tus_call(up.scenario, "PATCH", up.url, headers=headers, data=body,
+                                        expect=PATCH_OK, chunk=True, privileged=privileged)
+                if r is not None and r.status == 204:
+                    new = hdr(r, "Upload-Offset")
+                    if new != str(end):
+                        self.unexpected(up.scenario, "PATCH", up.url, 204,
+                                        f"Upload-Offset: {new}", f"Upload-Offset: {end}",
+                                        "a 204 with another offset than sent")
+                        need_head = True
+                        continue
+                    if declare:
+                        up.declared = True
+                    self.tus_offset(up, end, "PATCH 204")
+                    offset = up.confirmed
+                    if completes:
+                        up.handoff = await self.tus_handoff(up, self.now() + 8)
+                    continue
+            if r is None:
+                await self.backoff(None)
+                need_head = True
+                continue
+            self.tus_error_offset(up, r, f"PATCH {r.status}")
+            if r.status == 409 and r.code == "offset_mismatch":
+                self.report.tus["offset_mismatch_resumed"] += 1
+                need_head = True
+                continue
+            if r.status == 423:
+                await self.backoff(r)
+                continue
+            if r.status >= 500:
+                if r.code == "body_stalled":
+                    self.report.tus["patch_body_stalled"] += 1
+                await self.backoff(r)
+                need_head = True
+                continue
+            return False  # recorded as unexpected by call()
+        return False
+
+    async def tus_follow(self, up: TusUpload, wsid: str, timeout: float
+                         ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """``/ws/tasks/<wsid>`` until its final message (or ``timeout``)."""
+        assert self.http is not None
+        url = f"{self.server_url()}/ws/tasks/{wsid}?access_token={self.token(up.owner)}"
+        msgs: list[dict[str, Any]] = []
+        final = None
+        self.report.tried += 1
+        t0 = self.now()
+        try:
+            async with asyncio.timeout(max(0.2, timeout)):
+                async with self.http.ws_connect(url, heartbeat=None,
+                                                timeout=aiohttp.ClientWSTimeout(ws_close=3)) as ws:
+                    self.report.by_status[101] += 1
+                    async for msg in ws:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            break
+                        doc = json.loads(msg.data)
+                        msgs.append(doc)
+                        if doc.get("type") == "error" or (doc.get("type") == "progress" and
+                                                          doc.get("stage") == "complete"):
+                            final = doc
+                            break
+        except aiohttp.WSServerHandshakeError as exc:
+            self.report.by_status[exc.status] += 1
+            allowed, killed = self.fault_allowance(t0, self.now())
+            if exc.status != 503 and not killed:
+                self.unexpected(up.scenario, "WS", f"/ws/tasks/{wsid}", exc.status, exc.message,
+                                "101", "the task's WebSocket was refused")
+        except TimeoutError:
+            pass
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            self.report.no_answer[f"ws {type(exc).__name__}"] += 1
+        last = -1
+        for m in msgs:
+            if m.get("type") == "upload_progress":
+                got = m.get("uploaded_bytes", -1)
+                if not isinstance(got, int) or got < last or got > len(up.data):
+                    self.unexpected(up.scenario, "WS", f"/ws/tasks/{wsid}", 101, json.dumps(m),
+                                    f"uploaded_bytes rising, at most {len(up.data)}",
+                                    f"{got} after {last}")
+                last = max(last, got if isinstance(got, int) else last)
+        return final, msgs
+
+    async def tus_handoff(self, up: TusUpload, limit: float) -> dict[str, Any] | None:
+        """The task's final message, from ``/ws/tasks/<taskId or upload id>``; between tries a
+        HEAD (which finalizes a whole upload that nobody finalized)."""
+        wsid = up.task_id or up.uid
+        while self.now() < limit:
+            final, _ = await self.tus_follow(up, wsid, min(6.0, limit - self.now()))
+            if final is not None:
+                return final
+            if self.now() >= limit:
+                break
+            await self.backoff(None)
+            await self.tus_head(up, tries=3)
+        return None
+
+    async def tus_finish(self, up: TusUpload) -> bool:
+        """The upload is whole: its hand-off, then the file checked."""
+        msg = up.handoff or await self.tus_handoff(up, self.hard_deadline)
+        if msg is None:
+            self.report.tus["unfinished"] += 1
+            self.report.finding(f"{up.scenario}: tus upload {up.url} whole but not handed off "
+                                "by the end of the settle time")
+            return False
+        self.report.tus["completed"] += 1
+        if await self.tus_verify(up, msg):
+            self.report.tus["verified"] += 1
+            return True
+        return False
+
+    async def tus_verify(self, up: TusUpload, msg: dict[str, Any]) -> bool:
+        """The folder hand-off's file (``completed/<task id>/upload.<ext>``, the task id being
+        the metadata taskId when given) holds exactly what was sent."""
+        wsid = f"/ws/tasks/{up.task_id or up.uid}"
+        if msg.get("type") == "error":
+            self.unexpected(up.scenario, "WS", wsid, 101, json.dumps(msg), "progress complete",
+                            "the task of a whole upload failed")
+            return False
+        task_id, location = msg.get("task_id"), msg.get("location")
+        if up.task_id is not None and task_id != up.task_id:
+            self.unexpected(up.scenario, "WS", wsid, 101, json.dumps(msg), f"task_id {up.task_id}",
+                            "the task id is not the metadata's taskId")
+        if location != f"completed/{task_id}/upload.{up.extension}":
+            self.unexpected(up.scenario, "WS", wsid, 101, json.dumps(msg),
+                            f"location completed/{task_id}/upload.{up.extension}",
+                            "unexpected location")
+            return False
+        target = self.data_dir / location
+        try:
+            stored = await asyncio.to_thread(target.read_bytes)
+        except OSError as exc:
+            self.unexpected(up.scenario, "WS", wsid, 101, json.dumps(msg), "a file there",
+                            f"the handed-off file cannot be read: {exc}")
+            stored = b""
+        ok = sha256(stored) == sha256(up.data)
+        if not ok:
+            same = next((k for k, (x, y) in enumerate(zip(stored, up.data, strict=False))
+                         if x != y), min(len(stored), len(up.data)))
+            gone = len(up.data) - same
+            self.report.tus_bytes_lost += gone
+            self.report.tus_lost_detail.append({
+                "scenario": up.scenario, "upload": up.url, "task_id": task_id,
+                "where": "handed-off file", "size_sent": len(up.data),
+                "size_stored": len(stored), "first_difference": same, "bytes": gone})
+        if self.rng.random() < 0.3:  # a resuming client finds it whole
+            r = await self.tus_head(up, tries=20)
+            if r is not None and r.status == 200 and hdr(r, "Upload-Offset") != str(len(up.data)):
+                self.unexpected(up.scenario, "HEAD", up.url, 200, str(r.headers)[:300],
+                                "Upload-Offset = Upload-Length", "a handed-off upload not whole")
+        with contextlib.suppress(OSError):  # keep the small disk from filling with our files
+            await asyncio.to_thread(shutil.rmtree, target.parent)
+        return ok
+
+    async def tus_complete(self, up: TusUpload, *, privileged: bool = False) -> bool:
+        """From wherever the upload is (HEAD first) to a verified hand-off."""
+        self.report.tus["started"] += 1
+        r = await self.tus_head(up, privileged=privileged)
+        if r is None or r.status != 200 or not await self.tus_send(up, privileged=privileged):
+            self.report.tus["failed"] += 1
+            return False
+        return await self.tus_finish(up)
+
+    async def tus_delete(self, up: TusUpload, expect: Expect | None = None) -> Resp | None:
+        exp = expect or Expect(204)
+        for _ in range(40):
+            r = await self.tus_call(up.scenario, "DELETE", up.url,
+                                    headers=self.tus_headers(up.owner), expect=exp)
+            if r is None:  # it may have been done before the answer was lost (kill -9)
+                exp = exp.plus((410, "session_aborted"))
+            if r is not None and r.status == 204 and r.body:
+                self.unexpected(up.scenario, "DELETE", up.url, 204, r.body, "an empty 204",
+                                "a DELETE 204 with a body")
+            if r is None or r.status in (503, 507):
+                if self.now() > self.hard_deadline:
+                    return r
+                await self.backoff(r)
+                continue
+            return r
+        return None
+
+    # -- tus: normal uploads --------------------------------------------------------------
+
+    def new_tus(self, scenario: str, owner: str | None = None, *, small: bool = False,
+                data: bytes | None = None, filename: str | None = "", **kw: Any) -> TusUpload:
+        """A tus upload of real media (``filename`` "" picks the media's own name)."""
+        if data is None:
+            name, data = self.make_media(small=small)
+            filename = name if filename == "" else filename
+        up = TusUpload(owner or self.rng.choice(SUBJECTS), data, scenario,
+                       filename=filename or None, **kw)
+        return up
+
+    async def tus_small(self, scenario: str, owner: str | None = None, **kw: Any
+                        ) -> TusUpload | None:
+        up = self.new_tus(scenario, owner, small=True, **kw)
+        return up if await self.tus_create(up) else None
+
+    async def tus_worker(self, n: int) -> None:
+        while self.take_round():
+            if self.rng.random() < 0.3:
+                self.report.scenarios["tus concat"] += 1
+                await self.tus_concat_upload(n)
+            else:
+                self.report.scenarios["tus upload"] += 1
+                await self.tus_upload(n)
+
+    async def tus_upload(self, n: int) -> bool:
+        owner = SUBJECTS[n % 2] if self.rng.random() < 0.7 else self.rng.choice(SUBJECTS)
+        name, data = self.make_media()
+        up = TusUpload(owner, data, "tus upload")
+        roll = self.rng.random()
+        if roll < 0.1:
+            up.filename = None  # stored as upload.bin
+        else:
+            up.filename = name
+            up.name_key = "name" if self.rng.random() < 0.15 else "filename"
+        if self.rng.random() < 0.4:
+            up.task_id = str(uuid.uuid4())
+        if self.rng.random() < 0.3:
+            extras: list[tuple[str, str | None]] = [("language", "en"), ("model", "small"),
+                                                    ("filetype", ""), ("flag", None)]
+            up.extra_md = self.rng.sample(extras, self.rng.randint(1, len(extras)))
+        up.deferred = self.rng.random() < 0.25
+        up.checksums = self.rng.choice(("none", "none", "all", "some"))
+        first = 0
+        if self.rng.random() < 0.3:
+            first = len(data) if not up.deferred and self.rng.random() < 0.3 else \
+                self.rng.randint(1, len(data) - 1)
+        up.scenario = ("tus upload" + (", deferred" if up.deferred else "") +
+                       (", with upload" if first else "") + (", taskId" if up.task_id else ""))
+        self.report.tus["started"] += 1
+        if not await self.tus_create(up, first):
+            self.report.tus["not_created"] += 1
+            return False
+        follower = None
+        if self.rng.random() < 0.15:  # progress followed while it uploads
+            follower = asyncio.create_task(self.tus_follow(up, up.task_id or up.uid, 30))
+        ok = await self.tus_send(up)
+        if not ok:
+            self.report.tus["failed"] += 1
+        else:
+            ok = await self.tus_finish(up)
+        if follower is not None:
+            with contextlib.suppress(TimeoutError):
+                final, _ = await asyncio.wait_for(follower, 10)
+                if ok and final is not None and final.get("type") == "error":
+                    self.unexpected(up.scenario, "WS", up.url, 101, json.dumps(final),
+                                    "progress complete", "an error for a verified upload")
+        return ok
+
+    async def tus_concat_upload(self, n: int) -> bool:
+        """2-4 partial uploads, then the final POST (sometimes twice); the whole is checked."""
+        owner = SUBJECTS[n % 2] if self.rng.random() < 0.7 else self.rng.choice(SUBJECTS)
+        name, data = self.make_media()
+        k = self.rng.randint(2, 4)
+        cuts = sorted(self.rng.sample(range(1, len(data)), k - 1))
+        bounds = [0, *cuts, len(data)]
+        parts = [TusUpload(owner, data[a:b], "tus concat: partial", partial=True,
+                           checksums=self.rng.choice(("none", "all", "some")))
+                 for a, b in itertools.pairwise(bounds)]
+        self.report.tus["concat_started"] += 1
+        self.report.tus["started"] += 1
+        for p in parts:
+            first = self.rng.randint(1, len(p.data)) if self.rng.random() < 0.3 else 0
+            if not await self.tus_create(p, first):
+                self.report.tus["concat_failed"] += 1
+                return False
+        if self.rng.random() < 0.5:
+            sent = [await self.tus_send(p) for p in parts]
+        else:
+            sent = list(await asyncio.gather(*(self.tus_send(p) for p in parts)))
+        if not all(sent):
+            self.report.tus["concat_failed"] += 1
+            return False
+        final = TusUpload(owner, data, "tus concat: final", filename=name, final=True)
+        if self.rng.random() < 0.4:
+            final.task_id = str(uuid.uuid4())
+        twice = self.rng.choice((None, None, "again", "at once"))
+        if not await self.tus_final_post(final, parts, twice):
+            self.report.tus["concat_failed"] += 1
+            return False
+        r = await self.tus_head(final)
+        if r is not None and r.status == 200 and hdr(r, "Upload-Offset") != str(len(data)):
+            self.unexpected(final.scenario, "HEAD", final.url, 200, str(r.headers)[:300],
+                            f"Upload-Offset {len(data)}", "a final upload not whole")
+        if self.rng.random() < 0.3:
+            p = self.rng.choice(parts)
+            await self.tus_head(p)  # still whole for a client that retries the whole flow
+        ok = await self.tus_finish(final)
+        if ok:
+            self.report.tus["concat_verified"] += 1
+        return ok
+
+    async def tus_final_post(self, final: TusUpload, parts: list[TusUpload],
+                             twice: str | None = None, *, expect: Expect | None = None) -> bool:
+        """The final POST of a concatenation, retried through faults (the same list is the same
+        upload); ``twice``: sent again after its answer, or two at once: one Location."""
+        urls = [p.url for p in parts]
+        if self.rng.random() < 0.5:  # as tus-js-client sends them: absolute
+            urls = [f"http://example.test{u}" for u in urls]
+        headers = self.tus_headers(final.owner, **{"Upload-Concat": "final;" + " ".join(urls)})
+        md = final.metadata()
+        if md is not None:
+            headers["Upload-Metadata"] = md
+        exp = expect or Expect(201, (503, "server_busy"))
+        final.sent = final.confirmed = 0
+        for _ in range(100):
+            async with self.gate.shared():
+                post = self.tus_call(final.scenario, "POST", TUS_PATH, headers=headers,
+                                     expect=exp)
+                if twice == "at once":
+                    rs = list(await asyncio.gather(post, self.tus_call(
+                        final.scenario, "POST", TUS_PATH, headers=headers, expect=exp)))
+                elif twice == "again":
+                    rs = [await post]
+                    if rs[0] is not None and rs[0].status == 201:
+                        rs.append(await self.tus_call(final.scenario, "POST", TUS_PATH,
+                                                      headers=headers, expect=exp))
+                else:
+                    rs = [await post]
+                locs = {hdr(r, "Location") for r in rs if r is not None and r.status == 201}
+                if len(locs) > 1:
+                    self.unexpected(final.scenario, "POST", TUS_PATH, 201, json.dumps(sorted(
+                        str(x) for x in locs)), "one Location", "one partial list, two uploads")
+                if locs:
+                    final.url = str(sorted(str(x) for x in locs)[0])
+                    final.sent = final.confirmed = len(final.data)  # whole from the start
+                    final.handoff = await self.tus_handoff(final, self.now() + 8)
+                    return True
+            if self.now() > self.hard_deadline or any(
+                    r is not None and r.status not in (503, 507) for r in rs):
+                return False
+            twice = None
+            await self.backoff(next((r for r in rs if r is not None), None))
+        return False
+
+    # -- tus: hostile requests ------------------------------------------------------------
+
+    async def tus_patch(self, up: TusUpload, offset: int, body: Any, expect: Expect,
+                        sent: int | None = None, *, racing: bool = False,
+                        allow_no_answer: bool = False, privileged: bool = False,
+                        hdrs: dict[str, str] | None = None) -> Resp | None:
+        """One PATCH as given (``hdrs`` override the usual ones; "\\0" removes one).
+        ``racing``: other requests for the upload run at once, so this answer's offset is only
+        booked as a lower bound (answers of concurrent requests come back in any order)."""
+        h = self.tus_headers(up.owner, **{"Content-Type": OFFSET_STREAM,
+                                          "Upload-Offset": str(offset)})
+        h.update(hdrs or {})
+        h = {k: v for k, v in h.items() if v != "\0"}
+        up.sent = max(up.sent, sent if sent is not None else
+                      offset + (len(body) if isinstance(body, bytes) else 0))
+        r = await self.tus_call(up.scenario, "PATCH", up.url, headers=h, data=body,
+                                expect=expect, chunk=True, allow_no_answer=allow_no_answer or
+                                racing, privileged=privileged)
+        if r is not None and r.status == 204:
+            with contextlib.suppress(ValueError):
+                self.tus_offset(up, int(hdr(r, "Upload-Offset") or ""), "PATCH 204",
+                                check=not racing)
+        elif r is not None:
+            self.tus_error_offset(up, r, f"PATCH {r.status}", check=not racing)
+        return r
+
+    async def tus_advance(self, up: TusUpload, upto: int) -> bool:
+        """Plain PATCHes to ``upto`` bytes (a scenario's starting point)."""
+        for _ in range(40):
+            if up.confirmed >= upto:
+                return True
+            r = await self.tus_patch(up, up.confirmed, up.data[up.confirmed:upto], PATCH_OK)
+            if r is None or r.status != 204:
+                h = await self.tus_head(up)
+                if h is None or h.status != 200:
+                    return False
+        return up.confirmed >= upto
+
+    async def tus_expect_offset(self, up: TusUpload, want: int | tuple[int, int],
+                                why: str) -> int | None:
+        """HEAD; the offset must be ``want`` (or within the range)."""
+        r = await self.tus_head(up)
+        if r is None or r.status != 200:
+            return None
+        off = up.confirmed
+        lo, hi = (want, want) if isinstance(want, int) else want
+        if not lo <= off <= hi:
+            self.unexpected(up.scenario, "HEAD", up.url, 200, f"Upload-Offset: {off}",
+                            f"Upload-Offset {lo}" + (f"..{hi}" if hi != lo else ""), why)
+        return off
+
+    def status_only(self, exp: Expect) -> Expect:
+        """The same statuses without codes (a HEAD answer has no body)."""
+        return Expect(*[(s, None) for s in exp.allowed])
+
+    async def h_tus_version(self) -> None:
+        s = "tus version"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        cases = [(m, v) for m in ("POST", "HEAD", "PATCH", "DELETE")
+                 for v in (None, "0.2.2", "1.0", "1.0.0.0")]
+        for method, version in self.rng.sample(cases, 5):
+            headers = {**self.auth(up.owner), "Upload-Length": "10", "Upload-Offset": "0",
+                       "Content-Type": OFFSET_STREAM}
+            if version is not None:
+                headers["Tus-Resumable"] = version
+            exp = Expect((412, "tus_version_unsupported"))
+            await self.tus_call(f"{s}: {method} {version}", method,
+                                TUS_PATH if method == "POST" else up.url, headers=headers,
+                                data=b"x" * 10 if method == "PATCH" else None,
+                                expect=self.status_only(exp) if method == "HEAD" else exp)
+        for path in (TUS_PATH, up.url, TUS_PATH.rstrip("/")):
+            r = await self.tus_call(s, "OPTIONS", path, headers={}, expect=Expect(204))
+            if r is not None and r.status == 204:
+                ext = set((hdr(r, "Tus-Extension") or "").split(","))
+                want = {"creation", "creation-with-upload", "creation-defer-length",
+                        "termination", "expiration", "checksum", "concatenation"}
+                if hdr(r, "Tus-Version") != TUS_VERSION or not want <= ext or \
+                        hdr(r, "Tus-Max-Size") != str(self.max_file_size) or \
+                        set((hdr(r, "Tus-Checksum-Algorithm") or "").split(",")) != \
+                        set(TUS_ALGORITHMS):
+                    self.unexpected(s, "OPTIONS", path, 204, str(r.headers)[:300],
+                                    "Tus-Version, Tus-Extension, Tus-Max-Size, "
+                                    "Tus-Checksum-Algorithm", "OPTIONS headers")
+        await self.tus_expect_offset(up, 0, "requests refused with 412 touched the upload")
+        await self.tus_delete(up)
+
+    async def h_tus_create_bad(self) -> None:
+        s = "tus create"
+        owner = self.rng.choice(SUBJECTS)
+        L, D, M = "Upload-Length", "Upload-Defer-Length", "Upload-Metadata"
+        inv_len, inv_md = Expect((400, "invalid_length")), Expect((400, "invalid_metadata"))
+        cases: list[tuple[str, dict[str, str], Expect]] = [
+            ("no length", {}, inv_len),
+            ("length and defer", {L: "10", D: "1"}, inv_len),
+            ("length -1", {L: "-1"}, inv_len), ("length ten", {L: "ten"}, inv_len),
+            ("length 1.5", {L: "1.5"}, inv_len), ("length 0x10", {L: "0x10"}, inv_len),
+            ("length +10", {L: "+10"}, inv_len), ("length 20 digits", {L: "9" * 20}, inv_len),
+            ("defer 2", {D: "2"}, inv_len), ("defer 0", {D: "0"}, inv_len),
+            ("defer yes", {D: "yes"}, inv_len),
+            ("length over max", {L: str(2 * 1024 * MiB)}, Expect((413, "upload_too_large"))),
+            ("metadata not base64", {L: "10", M: "filename !!!"}, inv_md),
+            ("metadata key twice", {L: "10", M: "a YQ==,a YQ=="}, inv_md),
+            ("metadata not UTF-8", {L: "10", M: "filename " + base64.b64encode(
+                b"\xff\xfe.wav").decode()}, inv_md),
+            ("metadata 65 pairs", {L: "10", M: ",".join(f"k{i} YQ==" for i in range(65))},
+             inv_md),
+            ("metadata empty pair", {L: "10", M: tus_md([("filename", "a.wav")]) + ",,x"},
+             inv_md),
+            ("filename exe", {L: "10", M: tus_md([("filename", "a.exe")])},
+             Expect((422, "extension_not_allowed"))),
+            ("name exe (Uppy)", {L: "10", M: tus_md([("name", "a.exe")])},
+             Expect((422, "extension_not_allowed"))),
+            ("filename with a slash", {L: "10", M: tus_md([("filename", "../a.wav")])},
+             Expect((422, "invalid_filename"))),
+            ("filename 300 bytes", {L: "10", M: tus_md([("filename", "é" * 150 + ".wav")])},
+             Expect((422, "filename_too_long"))),
+            ("taskId not a UUID", {L: "10", M: tus_md([("taskId", "not-a-uuid")])},
+             Expect((422, "invalid_task_id"))),
+            ("language 100 chars", {L: "10", M: tus_md([("language", "x" * 100)])},
+             Expect((422, "invalid_value"))),
+            ("concat sideways", {L: "10", "Upload-Concat": "sideways"},
+             Expect((400, "invalid_concat"))),
+            ("final of nothing", {"Upload-Concat": "final;"}, Expect((400, "invalid_concat"))),
+        ]
+        if self.sandbox.disk_faults:
+            cases.append(("length over the disk", {L: str(600 * MiB)},
+                          Expect((507, "insufficient_storage"))))
+        for name, headers, exp in self.rng.sample(cases, 9):
+            r = await self.tus_call(f"{s}: {name}", "POST", TUS_PATH,
+                                    headers=self.tus_headers(owner, **headers), expect=exp)
+            if r is not None and r.status == 201:  # not kept
+                await self.tus_call(s, "DELETE", hdr(r, "Location") or TUS_PATH,
+                                    headers=self.tus_headers(owner), expect=Expect(204))
+        # A taskId may name one task only.
+        up = self.new_tus(f"{s}: taskId reused", owner, small=True, task_id=str(uuid.uuid4()))
+        if await self.tus_create(up):  # (a creation retried after a fault has a new taskId)
+            other = self.new_tus(up.scenario, self.rng.choice(SUBJECTS), small=True,
+                                 task_id=up.task_id)
+            if await self.tus_create(other, retry=False,
+                                     expect=Expect((422, "task_id_in_use"))):
+                await self.tus_delete(other)
+            if self.rng.random() < 0.5:
+                await self.tus_complete(up)
+            else:
+                await self.tus_delete(up)
+        # Creation-with-upload whose body is past the length: the upload exists (201), with
+        # the offset that was kept (none of it).
+        up = self.new_tus(f"{s}: with a body past the length", owner, small=True)
+        h = self.tus_headers(owner, **{"Upload-Length": "100", "Content-Type": OFFSET_STREAM})
+        r = await self.tus_call(up.scenario, "POST", TUS_PATH, headers=h, data=up.data[:200],
+                                expect=Expect(201, (413, "size_exceeded")))
+        if r is not None and r.status == 201:
+            if hdr(r, "Upload-Offset") != "0":
+                self.unexpected(up.scenario, "POST", TUS_PATH, 201, str(r.headers)[:300],
+                                "Upload-Offset: 0", "a body past the length was kept")
+            up.url = hdr(r, "Location") or ""
+            await self.tus_delete(up)
+
+    async def h_tus_patch_bad(self) -> None:
+        s = "tus patch"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        o = self.rng.randint(1, min(500, len(up.data) // 2))
+        if not await self.tus_advance(up, o):
+            return
+        total = len(up.data)
+        body = up.data[o:o + 100]
+        mismatch = Expect((409, "offset_mismatch"))
+        inv_off = Expect((400, "invalid_offset"))
+        cases: list[tuple[str, dict[str, str], bytes, Expect]] = [
+            ("offset ahead", {"Upload-Offset": str(o + 100)}, body, mismatch),
+            ("offset behind", {"Upload-Offset": "0"}, body, mismatch),
+            ("offset empty", {"Upload-Offset": ""}, body, inv_off),
+            ("offset -5", {"Upload-Offset": "-5"}, body, inv_off),
+            ("offset 5.0", {"Upload-Offset": f"{o}.0"}, body, inv_off),
+            ("offset hex", {"Upload-Offset": hex(o)}, body, inv_off),
+            ("no offset", {"Upload-Offset": "\0"}, body, inv_off),
+            ("octet-stream", {"Content-Type": "application/octet-stream"}, body,
+             Expect((415, "unsupported_content_type"))),
+            ("json", {"Content-Type": "application/json"}, body,
+             Expect((415, "unsupported_content_type"))),
+            ("past the length", {}, up.data[o:] + b"!", Expect((413, "size_exceeded"))),
+            ("another length", {"Upload-Length": str(total + 1)}, body,
+             Expect((400, "invalid_length"))),
+            ("length not a number", {"Upload-Length": "x"}, body,
+             Expect((400, "invalid_length"))),
+            ("encoding", {"Content-Encoding": "x-unknown"}, body,
+             Expect((415, "unsupported_encoding"))),
+        ]
+        for name, headers, data, exp in self.rng.sample(cases, 6):
+            r = await self.tus_patch(up, o, data, exp, sent=o, hdrs=headers)
+            if r is not None and r.status == 409 and isinstance(r.doc, dict) and \
+                    r.doc.get("error", {}).get("offset") != o:
+                self.unexpected(f"{s}: {name}", "PATCH", up.url, 409, r.body,
+                                f"offset {o}", "409 naming another offset")
+        await self.tus_expect_offset(up, o, "a refused PATCH touched the upload")
+        # Over --max-chunk-size: refused on its Content-Length, before a byte of the body.
+        await self.raw(s, [(self.head("PATCH", up.url, up.owner, ctype=OFFSET_STREAM,
+                                      length=self.max_patch + 1,
+                                      extra=f"Tus-Resumable: {TUS_VERSION}\r\n"
+                                            f"Upload-Offset: {o}\r\n"), 0)],
+                       expect=Expect((413, "patch_too_large")), label="tus PATCH over the max",
+                       tus=True)
+        await self.tus_expect_offset(up, o, "a PATCH over the max touched the upload")
+        # No Content-Length (chunked) and past the length: cut there, the prefix is kept (it
+        # may make the upload whole: then it is finalized).
+        if self.rng.random() < 0.5:
+            async with self.gate.shared():
+                up.sent = total
+                r = await self.tus_patch(up, o, gen_chunks(split(up.data[o:] + b"!" * 3000, 4)),
+                                         Expect((413, "size_exceeded")), sent=total,
+                                         allow_no_answer=True)
+                await self.tus_expect_offset(up, (o, total), "a body past the length")
+                if up.confirmed == total:
+                    up.handoff = await self.tus_handoff(up, self.now() + 8)
+        await self.tus_complete(up)
+
+    async def h_tus_checksum(self) -> None:
+        s = "tus checksum"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        o = self.rng.choice((0, self.rng.randint(1, len(up.data) // 3)))
+        if not await self.tus_advance(up, o):
+            return
+        body = up.data[o:o + self.rng.randint(1, len(up.data) - o)]
+        for algorithm in self.rng.sample(TUS_ALGORITHMS, 2):
+            await self.tus_patch(up, o, body, Expect((460, "upload_checksum_mismatch")), sent=o,
+                                 hdrs={"Upload-Checksum":
+                                       f"{algorithm} {tus_digest(algorithm, body + b'!')}"})
+            await self.tus_expect_offset(up, o, "a body with a wrong checksum was kept")
+        bad = Expect((400, "invalid_upload_checksum"))
+        for value, exp in self.rng.sample([
+                (f"crc32 {tus_digest('md5', body)}", bad), ("sha512 AAAA", bad),
+                (f"blake2b {tus_digest('sha256', body)}", bad), ("sha1 %%%", bad),
+                ("", bad), ("sha1", Expect((400, "invalid_upload_checksum"),
+                                           (460, "upload_checksum_mismatch"))),
+                ("md5 AAAA", Expect((400, "invalid_upload_checksum"),
+                                    (460, "upload_checksum_mismatch")))], 3):
+            await self.tus_patch(up, o, body, exp, sent=o, hdrs={"Upload-Checksum": value})
+        await self.tus_expect_offset(up, o, "a PATCH with a bad Upload-Checksum was kept")
+        algorithm = self.rng.choice(TUS_ALGORITHMS)
+        r = await self.tus_patch(up, o, body, PATCH_OK, hdrs={
+            "Upload-Checksum": f"{algorithm} {tus_digest(algorithm, body)}"})
+        if r is not None and r.status == 204 and hdr(r, "Upload-Offset") != str(o + len(body)):
+            self.unexpected(s, "PATCH", up.url, 204, str(r.headers)[:300],
+                            f"Upload-Offset {o + len(body)}", "a right checksum, a wrong offset")
+        await self.tus_complete(up)
+
+    async def h_tus_concat_bad(self) -> None:
+        s = "tus concat refusals"
+        owner = self.rng.choice(SUBJECTS)
+        other = "bob" if owner == "alice" else "alice"
+        name, data = self.make_media(small=True)
+        cut = self.rng.randint(1, len(data) - 1)
+        a = TusUpload(owner, data[:cut], s, partial=True)
+        b = TusUpload(owner, data[cut:], s, partial=True)
+        c = TusUpload(owner, os.urandom(300), s, partial=True)  # left incomplete
+        d = TusUpload(other, os.urandom(300), s, partial=True)  # another subject's
+        plain = TusUpload(owner, os.urandom(300), s)  # not partial
+        for u in (a, b, c, d, plain):
+            if not await self.tus_create(u):
+                return
+        for u in (a, b, d):
+            if not await self.tus_send(u):
+                return
+        await self.tus_advance(c, 100)
+        final = TusUpload(owner, data, f"{s}: final", filename=name, final=True)
+
+        async def post(case: str, urls: list[str], exp: Expect, **extra: str) -> Resp | None:
+            h = self.tus_headers(owner, **{"Upload-Concat": "final;" + " ".join(urls)}, **extra)
+            return await self.tus_call(f"{s}: {case}", "POST", TUS_PATH, headers=h, expect=exp)
+
+        cases: list[tuple[str, list[str], Expect, dict[str, str]]] = [
+            ("incomplete partial", [a.url, b.url, c.url], Expect((400, "partial_incomplete")),
+             {}),
+            ("unknown partial", [a.url, f"{TUS_PATH}{uuid.uuid4()}"],
+             Expect((404, "session_not_found")), {}),
+            ("not a partial", [a.url, plain.url], Expect((400, "invalid_concat")), {}),
+            ("named twice", [a.url, b.url, a.url], Expect((400, "invalid_concat")), {}),
+            ("another server's URL", [a.url, f"/elsewhere/{uuid.uuid4()}"],
+             Expect((400, "invalid_concat")), {}),
+            ("a path below an upload", [a.url, b.url + "/x"], Expect((400, "invalid_concat"),
+                                                                      (404, None)), {}),
+            # docs/API.md: "401 / 403, also for the partials of a final POST" (the error table
+            # also lists "not the caller's" under invalid_concat)
+            ("another subject's partial", [a.url, d.url],
+             Expect((403, "forbidden"), (400, "invalid_concat")), {}),
+            ("with a length", [a.url, b.url], Expect((400, "invalid_length")),
+             {"Upload-Length": str(len(data))}),
+            ("bad filename", [a.url, b.url], Expect((422, "extension_not_allowed")),
+             {"Upload-Metadata": tus_md([("filename", "x.exe")])}),
+            ("garbage list", ["%%%", "::"], Expect((400, "invalid_concat")), {}),
+        ]
+        for case, urls, exp, extra in self.rng.sample(cases, 5):
+            await post(case, urls, exp, **extra)
+        # None of that took a partial: the right list still works, once.
+        if not await self.tus_final_post(final, [a, b]):
+            return
+        await self.tus_patch(final, len(data), b"x", Expect((403, "final_upload")), sent=0)
+        await self.tus_advance(c, len(c.data))
+        await post("a partial in another final", [a.url, c.url],
+                   Expect((409, "partial_in_use"), (410, "partial_gone")))
+        await post("a final as a partial", [final.url, c.url], Expect((400, "invalid_concat")))
+        self.report.tus["concat_started"] += 1
+        self.report.tus["started"] += 1
+        if await self.tus_finish(final):
+            self.report.tus["concat_verified"] += 1
+        # A partial taken by a final: DELETE removes its record only.
+        await self.tus_delete(a)
+        await self.tus_call(s, "HEAD", a.url, headers=self.tus_headers(owner),
+                            expect=Expect((410, None)))
+        for u in (b, c, d, plain):
+            await self.tus_delete(u, Expect(204, (409, "partial_in_use")))
+
+    async def h_tus_delete(self) -> None:
+        s = "tus delete"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        await self.tus_advance(up, self.rng.randint(0, len(up.data) - 1))
+        if self.rng.random() < 0.5:
+            await self.tus_delete(up)
+        else:  # through a proxy that passes only GET and POST
+            await self.tus_call(s, "POST", up.url, expect=Expect(204), headers=self.tus_headers(
+                up.owner, **{"X-HTTP-Method-Override": "DELETE"}))
+        gone = Expect((410, "session_aborted"))
+        await self.tus_call(s, "HEAD", up.url, headers=self.tus_headers(up.owner),
+                            expect=Expect((410, None)))
+        await self.tus_patch(up, up.confirmed, up.data[up.confirmed:], gone, sent=0)
+        await self.tus_call(s, "DELETE", up.url, headers=self.tus_headers(up.owner), expect=gone)
+        await self.tus_call(s, "POST", up.url, expect=gone, headers=self.tus_headers(
+            up.owner, **{"X-HTTP-Method-Override": "HEAD"}), head_like=True)
+        await self.ws_closed(s, up, 4410)
+        # A handed-off upload: no more changes, but a HEAD still says it is whole.
+        done = await self.tus_small(f"{s}: after the hand-off")
+        if done is None or not await self.tus_complete(done):
+            return
+        fin = Expect((409, "session_finalized"))
+        await self.tus_delete(done, fin)
+        await self.tus_patch(done, len(done.data), b"", fin)
+        await self.tus_expect_offset(done, len(done.data), "a handed-off upload")
+
+    async def ws_closed(self, scenario: str, up: TusUpload, code: int) -> None:
+        """The upload's WebSocket closes at once with ``code``."""
+        assert self.http is not None
+        self.report.tried += 1
+        url = f"{self.server_url()}/ws/tasks/{up.uid}?access_token={self.token(up.owner)}"
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            async with self.http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=3)) as ws:
+                self.report.by_status[101] += 1
+                msg = await ws.receive(timeout=5)
+                if msg.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                    aiohttp.WSMsgType.CLOSING) or code not in (msg.data,
+                                                                               ws.close_code):
+                    self.unexpected(scenario, "WS", f"/ws/tasks/{up.uid}", 101,
+                                    str(msg.data)[:200], f"close {code}",
+                                    f"close code {ws.close_code}")
+
+    async def h_tus_override(self) -> None:
+        s = "tus method override"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        k = self.rng.randint(1, len(up.data) - 1)
+        for override in self.rng.sample(("PATCH", "patch", " Patch "), 1):
+            up.sent = k
+            r = await self.tus_call(s, "POST", up.url, data=up.data[:k], expect=Expect(204),
+                                    headers=self.tus_headers(up.owner, **{
+                                        "X-HTTP-Method-Override": override,
+                                        "Content-Type": OFFSET_STREAM, "Upload-Offset": "0"}))
+            if r is not None and r.status == 204:
+                self.tus_offset(up, int(hdr(r, "Upload-Offset") or "0"), "override PATCH")
+        r = await self.tus_call(s, "POST", up.url, expect=Expect(200), head_like=True,
+                                headers=self.tus_headers(up.owner,
+                                                         **{"X-HTTP-Method-Override": "HEAD"}))
+        if r is not None and r.status == 200:
+            self.tus_check_head(up, r, "override HEAD")
+        for override in ("GET", "PUT", "OPTIONS", ""):
+            extra: dict[str, str] = {"X-HTTP-Method-Override": override} if override else {}
+            await self.tus_call(s, "POST", up.url, expect=Expect((405, "method_not_allowed")),
+                                headers=self.tus_headers(up.owner, **extra))
+        await self.tus_expect_offset(up, up.confirmed, "refused overrides touched the upload")
+        await self.tus_complete(up)
+
+    async def h_tus_auth(self) -> None:
+        s = "tus auth"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        cases = self.bad_tokens(up.owner)
+        self.rng.shuffle(cases)
+        always = [c for c in cases if c[0] in ("no token", "other subject")]
+        for name, headers, exp in always + [c for c in cases if c not in always][:5]:
+            ep = self.rng.choice(("HEAD", "PATCH", "DELETE", "POST", "override", "ws"))
+            h = {**headers, "Tus-Resumable": TUS_VERSION}
+            sc = f"{s}: {name}"
+            if ep == "HEAD":
+                await self.tus_call(sc, "HEAD", up.url, headers=h, expect=self.status_only(exp))
+            elif ep == "PATCH":
+                await self.tus_call(sc, "PATCH", up.url, data=up.data[:100], expect=exp,
+                                    headers={**h, "Content-Type": OFFSET_STREAM,
+                                             "Upload-Offset": "0"})
+            elif ep == "DELETE":
+                await self.tus_call(sc, "DELETE", up.url, headers=h, expect=exp)
+            elif ep == "override":
+                await self.tus_call(sc, "POST", up.url, expect=exp, headers={
+                    **h, "X-HTTP-Method-Override": "DELETE"})
+            elif ep == "POST" and name != "other subject":
+                await self.tus_call(sc, "POST", TUS_PATH, expect=exp,
+                                    headers={**h, "Upload-Length": "100"})
+            else:
+                await self.ws_refused(sc, up.uid, headers, exp)
+        await self.tus_expect_offset(up, 0, "requests with bad tokens touched the upload")
+        await self.tus_complete(up)
+
+    async def h_tus_routes(self) -> None:
+        s = "tus routes"
+        owner = self.rng.choice(SUBJECTS)
+        a = self.tus_headers(owner)
+        nf = Expect((404, "session_not_found"))
+        unknown = f"{TUS_PATH}{uuid.uuid4()}"
+        await self.tus_call(s, "HEAD", unknown, headers=a, expect=Expect((404, None)))
+        await self.tus_call(s, "PATCH", unknown, data=b"x", expect=nf,
+                            headers={**a, "Content-Type": OFFSET_STREAM, "Upload-Offset": "0"})
+        await self.tus_call(s, "DELETE", unknown, headers=a, expect=nf)
+        for bad in self.rng.sample(("x" * 300, "..%2F..%2Fetc", "%00", "null", "%2e%2e",
+                                    str(uuid.uuid4()).upper(), str(uuid.uuid4()) + "0",
+                                    "00000000-0000-0000-0000-00000000000g"), 4):
+            await self.tus_call(s, "PATCH", TUS_PATH + bad, data=b"x", encoded_path=True,
+                                expect=Expect((404, "session_not_found"), (404, "not_found")),
+                                headers={**a, "Content-Type": OFFSET_STREAM,
+                                         "Upload-Offset": "0"})
+        for method in ("GET", "PUT"):
+            await self.call(s, method, TUS_PATH, headers=a, tus=True,
+                            expect=Expect((405, "method_not_allowed")))
+        # The chunk API and tus do not reach each other's uploads.
+        up = await self.tus_small(s, owner)
+        chunked = await self.small_session(s, owner)
+        if up is not None:
+            await self.call(s, "GET", f"/upload/chunked/{up.uid}/status", headers=a, expect=nf)
+            await self.call(s, "POST", f"/upload/chunked/{up.uid}/finalize", headers=a,
+                            expect=nf)
+            await self.call(s, "GET", up.url, headers=a, tus=True,
+                            expect=Expect((405, "method_not_allowed")))
+        if chunked is not None:
+            await self.tus_call(s, "HEAD", f"{TUS_PATH}{chunked.sid}", headers=a,
+                                expect=Expect((404, None)))
+            await self.tus_call(s, "PATCH", f"{TUS_PATH}{chunked.sid}", data=chunked.chunk(0),
+                                expect=nf, headers={**a, "Content-Type": OFFSET_STREAM,
+                                                    "Upload-Offset": "0"})
+            await self.tus_call(s, "DELETE", f"{TUS_PATH}{chunked.sid}", headers=a, expect=nf)
+            await self.abort(chunked)
+        if up is not None:
+            await self.tus_delete(up)
+
+    # -- tus: races and timing ------------------------------------------------------------
+
+    async def h_tus_same_offset(self) -> None:
+        """Two PATCHes at one offset at once: at most one counts, and the offset is then the
+        bytes of exactly that one."""
+        s = "tus two PATCHes at one offset"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        total = len(up.data)
+        o = self.rng.randint(0, total // 2)
+        if not await self.tus_advance(up, o):
+            return
+        room = total - o - 1  # neither completes the upload
+        la = self.rng.randint(max(1, room // 3), room)
+        lb = self.rng.randint(1, room)
+        if lb == la:
+            lb = max(1, la - 1) if la > 1 else la + 1
+        paced = self.rng.random() < 0.6
+        body_a: Any = paced_body(split(up.data[o:o + la], 4), 0.15) if paced else \
+            up.data[o:o + la]
+        exp = Expect(204, (409, "offset_mismatch"), (423, "upload_locked"),
+                     (503, ("body_stalled", "server_busy")))
+        up.sent = max(up.sent, o + max(la, lb))
+
+        async def second() -> Resp | None:
+            await asyncio.sleep(self.rng.uniform(0.05, 0.3) if paced else 0)
+            return await self.tus_patch(up, o, up.data[o:o + lb], exp, racing=True)
+
+        ra, rb = await asyncio.gather(
+            self.tus_patch(up, o, body_a, exp, sent=o + la, racing=True), second())
+        wins = [(r, n) for r, n in ((ra, la), (rb, lb)) if r is not None and r.status == 204]
+        statuses = ",".join(str(r.status) if r else "none" for r in (ra, rb))
+        if len(wins) == 2:
+            self.unexpected(s, "RACE", up.url, statuses, "", "at most one 204",
+                            "two PATCHes at one offset both counted")
+        r = await self.tus_head(up)
+        if r is None or r.status != 200:
+            return
+        off = up.confirmed
+        if len(wins) == 1 and off != o + wins[0][1]:
+            self.unexpected(s, "RACE", up.url, statuses, f"Upload-Offset: {off}",
+                            f"{o + wins[0][1]} (the bytes of the one counted)",
+                            "the offset is not that of the PATCH that was counted")
+        elif not wins and not o <= off <= o + max(la, lb):
+            self.unexpected(s, "RACE", up.url, statuses, f"Upload-Offset: {off}",
+                            f"{o}..{o + max(la, lb)}", "an offset beyond both bodies")
+        self.report.tus[f"same offset: {statuses}"] += 1
+        await self.tus_complete(up)
+
+    def tus_raw_head(self, up: TusUpload, offset: int, length: int, extra: str = "") -> bytes:
+        return self.head("PATCH", up.url, up.owner, ctype=OFFSET_STREAM, length=length,
+                         extra=f"Tus-Resumable: {TUS_VERSION}\r\nUpload-Offset: {offset}\r\n"
+                               + extra)
+
+    async def h_tus_stale(self) -> None:
+        """A PATCH sends part of its body and goes silent with its socket open (its client gave
+        up on it unseen): a HEAD answers within ~3 s with the prefix it kept; then on."""
+        s = "tus stale PATCH"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        total = len(up.data)
+        o = self.rng.choice((0, self.rng.randint(1, total // 2)))
+        if not await self.tus_advance(up, o):
+            return
+        n = self.rng.randint(2, total - o)
+        k = self.rng.randint(1, n - 1)
+        up.sent = max(up.sent, o + k)
+        stale = asyncio.create_task(self.raw(
+            s, [(self.tus_raw_head(up, o, n) + up.data[o:o + k], 0)],
+            expect=Expect((503, "body_stalled")), label="tus stale PATCH", timeout=12, tus=True))
+        await asyncio.sleep(self.rng.uniform(0.5, 1.2))
+        t0 = self.now()
+        r = await self.tus_call(s, "HEAD", up.url, headers=self.tus_headers(up.owner),
+                                expect=Expect(200, (423, None)))
+        took = self.now() - t0
+        self.report.tus_head_max_s = max(self.report.tus_head_max_s, took)
+        stalled_by_fault = bool(self.fault_allowance(t0, self.now())[0]) or \
+            self.fault_allowance(t0, self.now())[1]
+        if took > STALE_HEAD_LIMIT and not stalled_by_fault:
+            self.unexpected(s, "HEAD", up.url, r.status if r else "no answer", "",
+                            f"an answer within {STALE_HEAD_LIMIT:g} s",
+                            f"a HEAD behind a stale PATCH took {took:.1f} s")
+        if r is not None and r.status == 200:
+            self.tus_check_head(up, r, "HEAD after a stale PATCH")
+            if up.confirmed != o + k and not stalled_by_fault:
+                self.unexpected(s, "HEAD", up.url, 200, f"Upload-Offset: {up.confirmed}",
+                                f"Upload-Offset {o + k} (the {k} bytes the PATCH sent)",
+                                "the stale PATCH's prefix was not kept whole")
+        await stale
+        await self.tus_complete(up)
+
+    async def h_tus_dropped(self) -> None:
+        """A PATCH dropped mid-body (closed or reset) keeps a prefix of what it sent; one that
+        stops sending is cut after --body-timeout with 503 body_stalled and keeps all of it."""
+        s = "tus dropped PATCH"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        total = len(up.data)
+        o = self.rng.choice((0, self.rng.randint(1, total // 2)))
+        if not await self.tus_advance(up, o):
+            return
+        n = self.rng.randint(2, total - o)
+        k = self.rng.randint(0, n - 1)
+        up.sent = max(up.sent, o + k)
+        if self.rng.random() < 0.7:
+            await self.raw(s, [(self.tus_raw_head(up, o, n) + up.data[o:o + k], 0.1)],
+                           expect=None, label="tus PATCH dropped mid-body",
+                           rst=self.rng.random() < 0.5)
+            await self.tus_expect_offset(up, (o, o + k), "a dropped PATCH kept more than it sent")
+        else:
+            t0 = self.now()
+            await self.raw(s, [(self.tus_raw_head(up, o, n) + up.data[o:o + k], 0)],
+                           expect=Expect((503, "body_stalled")), label="tus PATCH gone silent",
+                           timeout=BODY_TIMEOUT + 8, tus=True)
+            faulted = any(self.fault_allowance(t0, self.now()))
+            await self.tus_expect_offset(up, (o, o + k) if faulted else o + k,
+                                         "a silent PATCH did not keep what it sent")
+        await self.tus_complete(up)
+
+    async def h_tus_delete_race(self) -> None:
+        """DELETE while a PATCH streams: 204, the PATCH stops, the upload is gone."""
+        s = "tus DELETE during a PATCH"
+        up = await self.tus_small(s)
+        if up is None:
+            return
+        total = len(up.data)
+        o = self.rng.randint(0, total // 3)
+        if not await self.tus_advance(up, o):
+            return
+        n = self.rng.randint(total // 3, total - o - 1)
+        exp = Expect(204, (503, ("body_stalled", "server_busy")), (410, "session_aborted"),
+                     (404, "session_not_found"), (423, "upload_locked"))
+        patch = asyncio.create_task(self.tus_patch(
+            up, o, paced_body(split(up.data[o:o + n], 6), 0.15), exp, sent=o + n, racing=True))
+        await asyncio.sleep(self.rng.uniform(0.1, 0.5))
+        await self.tus_delete(up)
+        await patch
+        await self.tus_call(s, "HEAD", up.url, headers=self.tus_headers(up.owner),
+                            expect=Expect((410, None)))
+        await self.tus_patch(up, 0, b"x", Expect((410, "session_aborted")), sent=0)
+
+    async def h_tus_not_media(self) -> None:
+        s = "tus not media"
+        name = self.rng.choice(NOT_MEDIA + ("not-audio.png",))
+        data = self.media.get(name) or (MEDIA / name).read_bytes()
+        up = TusUpload(self.rng.choice(SUBJECTS), data, s, filename="picture.wav",
+                       task_id=str(uuid.uuid4()) if self.rng.random() < 0.5 else None)
+        if not await self.tus_create(up):
+            return
+        async with self.gate.shared():
+            r = await self.tus_patch(up, 0, data, Expect(204))
+            if r is None or r.status != 204:
+                return
+            final, _ = await self.tus_follow(up, up.task_id or up.uid, 8)
+        if final is None or final.get("type") != "error" or \
+                final.get("error_code") != "unsupported_content":
+            self.unexpected(s, "WS", f"/ws/tasks/{up.task_id or up.uid}", 101,
+                            json.dumps(final), "error unsupported_content",
+                            "a file that is not media was not refused on the WebSocket")
+            return
+        await self.tus_call(s, "HEAD", up.url, headers=self.tus_headers(up.owner),
+                            expect=Expect((415, None)))
+        await self.tus_patch(up, len(data), b"", Expect((415, "unsupported_content")))
+        await self.tus_delete(up, Expect(204, (409, "session_finalized")))
+
+
+    # -- tus during the faults ------------------------------------------------------------
+
+    async def tus_probe(self, scenario: str) -> TusUpload | None:
+        """A tus upload with a third of its bytes, for a fault to find in the middle."""
+        if not self.tus_on:
+            return None
+        up = TusUpload(self.rng.choice(SUBJECTS), self.media["speech.wav"], scenario,
+                       filename="probe.wav", checksums=self.rng.choice(("none", "some")))
+        if not await self.tus_create(up, retry=False):
+            return None
+        return up if await self.tus_advance(up, len(up.data) // 3) else None
+
+    async def tus_during_fault(self, up: TusUpload, patch_expect: Expect) -> None:
+        """HEAD (200 or 423, never 5xx), one PATCH (as the fault allows), HEAD again: the offset
+        never goes backwards (tus_check_head books it)."""
+        for k in range(2):
+            r = await self.tus_call(up.scenario, "HEAD", up.url, privileged=True,
+                                    headers=self.tus_headers(up.owner),
+                                    expect=Expect(200, (423, None)))
+            if r is not None and r.status == 200:
+                self.tus_check_head(up, r, "HEAD during a fault")
+            if k == 1:
+                break
+            end = min(len(up.data) - 1, up.confirmed + self.rng.randint(1, 16 * KiB))
+            await self.tus_patch(up, up.confirmed, up.data[up.confirmed:end], patch_expect,
+                                 privileged=True)
+
+    async def tus_create_during_fault(self, scenario: str, expect: Expect) -> None:
+        owner = self.rng.choice(SUBJECTS)
+        r = await self.tus_call(scenario, "POST", TUS_PATH, privileged=True, expect=expect,
+                                headers=self.tus_headers(owner, **{"Upload-Length": "1000"}))
+        if r is not None and r.status == 201:
+            self.spawn(self.tus_call(scenario, "DELETE", hdr(r, "Location") or TUS_PATH,
+                                     headers=self.tus_headers(owner), expect=Expect(204)))
+
     # -- faults ---------------------------------------------------------------------------
 
     async def temp_files(self) -> dict[str, list[str]]:
@@ -1995,6 +3344,7 @@ class Battery:
         half_ready = await self.create(half, retry=False)
         if half_ready:
             await self.send_all(half, list(range(half.total_chunks // 3)), 2)
+        tprobe = await self.tus_probe("fault disk_full: tus PATCH on a full disk")
         sac_result: Resp | None = None
         async with self.gate.exclusive():
             iv = self.begin_fault("disk_full")
@@ -2024,6 +3374,11 @@ class Battery:
                     st = await self.status(half)
                     if st is not None and st.status == 200:
                         self.reconcile(half, st.doc, "status on a full disk")
+                if tprobe is not None:  # reserved at creation: 204, or a clear 507
+                    await self.tus_during_fault(tprobe, Expect(204, (507,
+                                                                     "insufficient_storage")))
+                if self.tus_on:
+                    await self.tus_create_during_fault(s, full)
                 if sac_ready:
                     sac_result = await self.call(
                         sac.scenario, "POST", f"/upload/chunked/{sac.sid}/finalize",
@@ -2050,6 +3405,8 @@ class Battery:
             self.spawn(self.after_full_finalize(sac, sac_result))
         if half_ready:
             self.spawn(self.upload_through(half, parallel=2))
+        if tprobe is not None:
+            self.spawn(self.tus_complete(tprobe))
 
     async def after_full_finalize(self, up: Upload, first: Resp | None) -> None:
         """The session finalized on a full disk: once there is room, finalize must work."""
@@ -2077,6 +3434,7 @@ class Battery:
         probe = await self.small_session(s)
         if probe is not None:
             await self.send_all(probe, [0], 1)
+        tprobe = await self.tus_probe("fault remount_ro: tus")
         async with self.gate.exclusive():
             self.paused = True
             limit = self.now() + 8
@@ -2118,6 +3476,10 @@ class Battery:
                                     headers=self.auth(probe.owner),
                                     expect=Expect((503, "storage_unavailable"),
                                                   (409, "chunks_missing")), privileged=True)
+                if tprobe is not None:
+                    await self.tus_during_fault(tprobe, ro)
+                if self.tus_on:
+                    await self.tus_create_during_fault(s, ro)
                 await asyncio.sleep(min(2.0, max(0.3, self.deadline - self.now())))
             finally:
                 for _ in range(20):
@@ -2131,10 +3493,23 @@ class Battery:
         await self.expect_healthy(s)
         if probe is not None:
             self.spawn(self.upload_through(probe))
+        if tprobe is not None:
+            self.spawn(self.tus_complete(tprobe))
 
     async def fault_kill9(self) -> None:
         assert self.server is not None
         s = "fault kill9"
+        # A tus PATCH streaming slowly when the server dies: after the restart its HEAD is at
+        # least every offset answered before, at most what was sent.
+        tprobe = await self.tus_probe("fault kill9: tus PATCH cut by kill -9")
+        slow = None
+        if tprobe is not None:
+            o = tprobe.confirmed
+            n = min(len(tprobe.data) - 1 - o, 64 * KiB)
+            slow = asyncio.create_task(self.tus_patch(
+                tprobe, o, paced_body(split(tprobe.data[o:o + n], 20), 0.2), PATCH_OK,
+                sent=o + n, allow_no_answer=True))
+            await asyncio.sleep(0.3)
         async with self.gate.exclusive():
             limit = self.now() + 3
             while self.inflight_chunks == 0 and self.now() < limit:
@@ -2153,6 +3528,9 @@ class Battery:
                 self.server_down = False
                 iv.end = self.now()
         await self.expect_healthy(s)
+        if slow is not None and tprobe is not None:
+            await slow
+            self.spawn(self.tus_complete(tprobe))
 
     async def expect_healthy(self, scenario: str) -> None:
         limit = self.now() + 5
@@ -2217,12 +3595,13 @@ class Battery:
         self.background.add(t)
         t.add_done_callback(self.background.discard)
 
-    async def hostile_worker(self, n: int) -> None:
-        names = ["auth", "index", "body_length", "checksum", "encodings", "expect", "garbage",
-                 "routes", "create_bad", "not_media", "incomplete", "races", "races", "dropped",
-                 "slow", "websocket", "idle"]
-        if n == 0:
-            names.insert(0, "idle")  # once early, whatever the duration
+    async def hostile_worker(self, n: int, names: list[str] | None = None) -> None:
+        if names is None:
+            names = ["auth", "index", "body_length", "checksum", "encodings", "expect",
+                     "garbage", "routes", "create_bad", "not_media", "incomplete", "races",
+                     "races", "dropped", "slow", "websocket", "idle"]
+            if n == 0:
+                names.insert(0, "idle")  # once early, whatever the duration
         while True:
             batch = names[:]
             self.rng.shuffle(batch)
@@ -2250,7 +3629,11 @@ class Battery:
                   ("--max-sessions-per-subject", "500"), ("--max-file-size", MAX_FILE_SIZE),
                   ("--sweep-interval", "2s"), ("--max-connections", str(MAX_CONNECTIONS)),
                   ("--log-level", "info")]
+        wanted.append(("--tus-path", TUS_PATH))
         args = [x for flag, value in wanted if flag in flags for x in (flag, value)]
+        self.tus_on = "--tus-path" in flags
+        if not self.tus_on:
+            self.report.notes.append("chunkd serve has no --tus-path: the tus scenarios skipped")
         self.max_connections = MAX_CONNECTIONS if "--max-connections" in flags else 0
         if "--min-chunk-size" not in flags:
             self.report.notes.append("chunkd serve has no --min-chunk-size: its own minimum")
@@ -2267,10 +3650,19 @@ class Battery:
             self.deadline = self.t0 + self.args.duration
             self.hard_deadline = self.deadline + self.args.settle
             monitor = asyncio.create_task(self.monitor())
+            r = await self.call("start", "GET", "/upload/chunked/limits", expect=Expect(200))
+            if r is not None and isinstance(r.doc, dict) and \
+                    isinstance(r.doc.get("max_chunk_size"), int):
+                self.max_patch = r.doc["max_chunk_size"]
             workers = [asyncio.create_task(self.upload_worker(n))
                        for n in range(self.args.workers)]
             workers += [asyncio.create_task(self.hostile_worker(n))
                         for n in range(self.args.hostile_workers)]
+            if self.tus_on:
+                workers += [asyncio.create_task(self.tus_worker(n))
+                            for n in range(self.args.tus_workers)]
+                workers += [asyncio.create_task(self.hostile_worker(n, TUS_HOSTILE[:]))
+                            for n in range(self.args.tus_hostile_workers)]
             workers.append(asyncio.create_task(self.fault_injector()))
             try:
                 done, pending = await asyncio.wait(
@@ -2314,7 +3706,13 @@ class Battery:
     def result(self, elapsed: float) -> dict[str, Any]:
         rep = self.report
         hwm = self.server.hwm if self.server else []
-        ok = rep.status_500 == 0 and rep.chunks_lost == 0 and rep.unexpected_total == 0
+        unhandled = sum("Unhandled exception" in line for line in
+                        (self.server.errors if self.server else []))
+        if unhandled:
+            rep.finding(f"the server logged {unhandled} unhandled exception(s) with a traceback "
+                        "(see server_log_errors)")
+        ok = rep.status_500 == 0 and rep.chunks_lost == 0 and rep.unexpected_total == 0 and \
+            rep.tus_bytes_lost == 0 and rep.tus_head_5xx == 0
         return {
             "ok": ok,
             "seed": self.args.seed,
@@ -2340,6 +3738,22 @@ class Battery:
             "chunks_acked": rep.chunks_acked,
             "chunks_lost": rep.chunks_lost,
             "lost_detail": rep.lost_detail,
+            "tus": {
+                "enabled": self.tus_on,
+                "uploads": {k: rep.tus.get(k, 0) for k in (
+                    "started", "completed", "verified", "failed", "unfinished", "not_created",
+                    "concat_started", "concat_verified", "concat_failed")},
+                "bytes_acked": rep.tus_bytes_acked,
+                "bytes_lost": rep.tus_bytes_lost,
+                "head_5xx": rep.tus_head_5xx,
+                "head_max_s": round(rep.tus_head_max_s, 2),
+                "answers": dict(sorted(rep.tus_answers.items())),
+                "events": {k: v for k, v in sorted(rep.tus.items())
+                           if k not in ("started", "completed", "verified", "failed",
+                                        "unfinished", "not_created", "concat_started",
+                                        "concat_verified", "concat_failed")},
+                "lost_detail": rep.tus_lost_detail,
+            },
             "scenarios": dict(rep.scenarios),
             "peak_rss_kib": max(hwm, default=0),
             "rss_per_instance_kib": hwm,
@@ -2349,6 +3763,13 @@ class Battery:
             "findings": rep.findings,
             "notes": rep.notes,
         }
+
+
+#: The tus scenarios of the hostile worker(s) for tus (each once per shuffled round).
+TUS_HOSTILE = ["tus_version", "tus_create_bad", "tus_patch_bad", "tus_checksum",
+               "tus_concat_bad", "tus_delete", "tus_override", "tus_auth", "tus_routes",
+               "tus_same_offset", "tus_same_offset", "tus_stale", "tus_dropped",
+               "tus_delete_race", "tus_not_media"]
 
 
 def health_state(status: int, doc: Any) -> str | None:
@@ -2439,6 +3860,12 @@ def table(res: dict[str, Any]) -> str:
         ("uploads", ", ".join(f"{k}: {v}" for k, v in res["uploads"].items())),
         ("chunks acknowledged", res["chunks_acked"]),
         ("chunks lost", res["chunks_lost"]),
+        ("tus uploads", ", ".join(f"{k}: {v}" for k, v in res["tus"]["uploads"].items())
+         if res["tus"]["enabled"] else "off (no --tus-path)"),
+        ("tus bytes acknowledged", res["tus"]["bytes_acked"]),
+        ("tus bytes lost", res["tus"]["bytes_lost"]),
+        ("tus HEAD 5xx / slowest HEAD", f"{res['tus']['head_5xx']} / "
+                                        f"{res['tus']['head_max_s']} s"),
         ("peak server RSS (VmHWM)", f"{res['peak_rss_kib'] / 1024:.1f} MiB "
                                     f"(per instance: {', '.join(str(round(k / 1024, 1)) for k in res['rss_per_instance_kib'])})"),
         ("server instances", res["server_instances"]),
@@ -2458,6 +3885,9 @@ def table(res: dict[str, Any]) -> str:
     if res["lost_detail"]:
         out.append("chunks lost:")
         out += [f"  - {json.dumps(x)}" for x in res["lost_detail"][:20]]
+    if res["tus"]["lost_detail"]:
+        out.append("tus bytes lost:")
+        out += [f"  - {json.dumps(x)}" for x in res["tus"]["lost_detail"][:20]]
     return "\n".join(out)
 
 
@@ -2470,6 +3900,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds after --duration for started uploads to finish (default 20)")
     p.add_argument("--workers", type=int, default=4, help="concurrent normal uploads (4)")
     p.add_argument("--hostile-workers", type=int, default=2, help="concurrent hostile runs (2)")
+    p.add_argument("--tus-workers", type=int, default=2,
+                   help="concurrent normal tus uploads and concatenations (2)")
+    p.add_argument("--tus-hostile-workers", type=int, default=1,
+                   help="concurrent hostile tus runs (1)")
     p.add_argument("--disk-mib", type=int, default=64, help="size of the ext4 image (64)")
     p.add_argument("--no-disk-faults", action="store_true",
                    help="a plain temp dir, no full disk or read-only remount (what a run that "

@@ -1,7 +1,9 @@
 """The hostile battery (scripts/battery.py) against a real ``chunkd serve``, for 25 s (its three
-faults run one after another and need the time): normal uploads, hostile requests and the
-injected faults (full disk, read-only remount, kill -9 and restart). No answer may be a 500, no acknowledged chunk may be lost, and every fault must
-really have been injected."""
+faults run one after another and need the time): normal uploads by the chunk API and by tus
+1.0 (at ``/files/``, concatenations too), hostile requests on both and the injected faults
+(full disk, read-only remount, kill -9 and restart). No answer may be a 500 or an undocumented
+5xx, no acknowledged chunk and no tus byte may be lost, a tus HEAD is never 5xx, and every fault
+must really have been injected."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     reason="the battery's disk faults need root, mkfs.ext4 and mount (a loop-mounted ext4 image)")
 
 
-def test_battery_15s() -> None:
+def test_battery_25s() -> None:
     proc = subprocess.run(
         [sys.executable, str(BATTERY), "--duration", "25", "--settle", "10", "--json"],
         capture_output=True, text=True, timeout=150,
@@ -40,3 +42,14 @@ def test_battery_15s() -> None:
     assert report["uploads"]["verified"] > 5, context
     for kind in ("disk_full", "remount_ro", "kill9"):
         assert report["faults_injected"][kind] >= 1, (kind, report["faults_skipped"])
+    tus = report["tus"]
+    assert tus["enabled"], report["notes"]
+    assert tus["bytes_lost"] == 0, json.dumps(tus["lost_detail"], indent=1)
+    assert tus["head_5xx"] == 0, json.dumps(tus["answers"], indent=1)
+    assert tus["uploads"]["verified"] > 5, json.dumps(tus["uploads"])
+    assert tus["uploads"]["concat_verified"] >= 1, json.dumps(tus["uploads"])
+    assert tus["uploads"]["failed"] == 0 and tus["uploads"]["unfinished"] == 0, \
+        json.dumps(tus["uploads"])
+    tus_scenarios = {k for k in report["scenarios"] if k.startswith("tus_")}
+    assert len(tus_scenarios) >= 5, report["scenarios"]
+    assert report["ok"], context

@@ -857,3 +857,40 @@ async def test_a_failed_write_is_never_counted(tus, tus_config, monkeypatch):
     finally:
         os.close(fd)
     assert (await head(tus, url)).headers["Upload-Offset"] == "0"
+
+
+async def test_a_twin_final_post_that_lost_the_race_neither_fails_nor_unlinks_the_task_id(
+        tus, tus_config, monkeypatch):
+    """Found by the battery: identical final POSTs at once. One saw no final upload yet,
+    another made it; the first then failed to rename its own copy into place (500) and its
+    cleanup removed tasks/<taskId> (the fork's WebSocket closed with 4404)."""
+    from chunkd import errors as E
+    from chunkd.keys import STORE
+
+    store = tus.server.app[STORE]
+    urls = await partials(tus, [SPEECH[:5000], SPEECH[5000:]])
+    task = str(uuid.uuid4())
+    headers = {**TUS, "Upload-Concat": "final;" + " ".join(urls),
+               "Upload-Metadata": md(filename="a.wav", taskId=task)}
+    assert (await tus.post("/files/", headers=headers)).status == 201  # the twin that won
+    from chunkd.core.tus import final_id
+
+    fid = final_id(None, [u.rsplit("/", 1)[1] for u in urls])
+    await handed_off(tus_config.data_dir, task)  # the twin's hand-off is over
+    real, seen = store._meta, []
+
+    def stale(sid):  # this request looked before the twin's final upload was in place
+        if sid == fid and not seen:
+            seen.append(sid)
+            raise E.SESSION_NOT_FOUND()
+        return real(sid)
+
+    monkeypatch.setattr(store, "_meta", stale)
+    resp = await tus.post("/files/", headers=headers)
+    monkeypatch.setattr(store, "_meta", real)
+    assert seen and resp.status == 201, await resp.text()
+    assert resp.headers["Location"].endswith(fid)
+    assert (tus_config.data_dir / "tasks" / task).exists()
+    async with tus.ws_connect(f"/ws/tasks/{task}") as ws:
+        messages = [msg.json() async for msg in ws]
+    assert messages[-1]["stage"] == "complete"

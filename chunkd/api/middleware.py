@@ -18,6 +18,7 @@ from aiohttp.web_request import BaseRequest
 from chunkd import errors as E
 from chunkd.api.access import address_key, trusted
 from chunkd.api.tus_wire import add_tus_headers, for_tus_client, is_tus, method_of
+from chunkd.core.tus import StopRequested
 from chunkd.errors import ChunkdError, ErrorCode
 from chunkd.keys import CONFIG
 
@@ -156,10 +157,13 @@ class _ClientFaultsOnOneLine(logging.Filter):
     """aiohttp reads on (and fails again) after an undecodable body was answered, and logs that
     as an "Unhandled exception" with tracebacks: a client's fault, so one INFO line instead."""
 
-    FAULTS = (HttpProcessingError, RequestPayloadError)
+    FAULTS = (HttpProcessingError, RequestPayloadError, StopRequested)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, StopRequested):  # the rest of a stale tus PATCH, which was stopped
+            log.info("the rest of a stopped PATCH's body was not read")
+            return False
         if isinstance(exc, self.FAULTS) or isinstance(getattr(exc, "__cause__", None),
                                                       self.FAULTS):
             log.info("unreadable request body: %s", type(exc).__name__)

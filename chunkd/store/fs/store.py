@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -321,7 +322,12 @@ class FileSystemStore:
             if meta.task_id is not None:  # chosen by the client: it must be new
                 index = self._claim_task_id(meta.task_id, sid)
             self._sync_dir(staging)
-            os.rename(staging, self.layout.session(sid))
+            try:
+                os.rename(staging, self.layout.session(sid))
+            except OSError as exc:  # the same id made meanwhile (a final upload's, by a twin)
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(exc.errno, "the session exists", str(sid)) from None
+                raise
             self._sync_dir(self.layout.sessions)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -330,8 +336,9 @@ class FileSystemStore:
                     index.unlink()
             raise
 
-    def _claim_task_id(self, task_id: str, sid: str) -> Path:
-        """Make ``tasks/<task_id>`` name the session, unless the id is taken (409)."""
+    def _claim_task_id(self, task_id: str, sid: str) -> Path | None:
+        """Make ``tasks/<task_id>`` name the session, unless the id is taken (422). None when
+        it named this session already (a twin request made it: not ours to remove)."""
         index = self.layout.task_index(task_id)
         tmp = index.with_name(f".{task_id}.{uuid.uuid4().hex}.tmp")
         write_text_durably(tmp, sid, self.durable)
@@ -340,6 +347,7 @@ class FileSystemStore:
         except FileExistsError:
             if index.read_text().strip() != sid:  # not the same final upload, made meanwhile
                 raise E.TASK_ID_IN_USE(task_id=task_id) from None
+            return None
         finally:
             os.unlink(tmp)
         self._sync_dir(index.parent)
