@@ -219,6 +219,8 @@ async def test_patch_appends_and_answers_the_new_offset(tus):
     ("0", b"x" * 2001, {}, 413, "size_exceeded"),        # past Upload-Length
     ("0", b"x" * 10, {"Upload-Checksum": "crc32 AAAA"}, 400, "invalid_upload_checksum"),
     ("0", b"x" * 10, {"Upload-Checksum": "sha1 %%%"}, 400, "invalid_upload_checksum"),
+    ("0", b"x" * 10, {"Upload-Checksum": "sha1"}, 400, "invalid_upload_checksum"),
+    ("0", b"x" * 10, {"Upload-Checksum": "md5 AAAA"}, 400, "invalid_upload_checksum"),
     ("0", b"x" * 10, {"Upload-Length": "2001"}, 400, "invalid_length"),  # not deferred
     ("0", b"x" * 10, {"Content-Encoding": "x-unknown"}, 415, "unsupported_encoding"),
 ])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import hashlib
 import re
 
 from aiohttp import web
@@ -99,9 +100,12 @@ def parse_checksum(header: str | None) -> tuple[str, str] | None:
     if algorithm not in CHECKSUMS:
         raise E.INVALID_UPLOAD_CHECKSUM(supported=", ".join(CHECKSUMS))
     try:
-        return algorithm, base64.b64decode(value.strip(), validate=True).hex()
+        digest = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise E.INVALID_UPLOAD_CHECKSUM(supported=", ".join(CHECKSUMS)) from None
+    if len(digest) != hashlib.new(algorithm).digest_size:  # refused before the body is read
+        raise E.INVALID_UPLOAD_CHECKSUM(supported=", ".join(CHECKSUMS))
+    return algorithm, digest.hex()
 
 
 def is_tus(request: web.Request, tus_path: str) -> bool:
