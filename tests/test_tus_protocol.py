@@ -35,6 +35,10 @@ def md(**pairs: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items())
 
 
+async def collect(ws) -> list[dict]:
+    return [msg.json() async for msg in ws]
+
+
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
@@ -312,9 +316,8 @@ async def test_the_last_patch_hands_the_file_off_once_and_the_task_id_is_the_cli
         for offset in range(0, len(SPEECH), 100_000):
             resp = await patch(tus, url, offset, SPEECH[offset:offset + 100_000])
             assert resp.status == 204
-        messages = []
-        async for msg in ws:
-            messages.append(msg.json())
+        # at once, not when recovery would find it (30 s later)
+        messages = await asyncio.wait_for(collect(ws), 10)
     assert messages[-1]["stage"] == "complete" and messages[-1]["task_id"] == task
     uploaded = [m["uploaded_bytes"] for m in messages if m["type"] == "upload_progress"]
     assert uploaded == sorted(uploaded) and uploaded[-1] == len(SPEECH)
