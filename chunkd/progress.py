@@ -58,7 +58,9 @@ def upload_message(state: SessionState) -> dict[str, Any]:
         "session_id": meta.session_id,
         "uploaded_chunks": received,
         "total_chunks": meta.total_chunks,
-        "percentage": (int(state.received_bytes * 100 / meta.total_size) if meta.total_size
+        # tus counts bytes (one "chunk" is the whole file); the chunk API counts chunks
+        "percentage": (int(state.received_bytes * 100 / meta.total_size)
+                       if meta.is_tus and meta.total_size
                        else int(received * 100 / meta.total_chunks)),
         "uploaded_bytes": state.received_bytes,
         "total_bytes": meta.total_size,
