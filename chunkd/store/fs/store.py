@@ -559,17 +559,23 @@ class FileSystemStore:
 
     # -- chunks ------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
-                         ) -> AsyncIterator[FileChunkSlot]:
-        sid = meta.session_id
-        offset, length = meta.chunk_offset(index), meta.chunk_length(index)
+    async def _open_data(self, sid: str) -> int:
+        """The session's ``data`` file, opened for writing; counted as being written by this
+        process until the caller's ``finally`` counts it down and closes it."""
         try:
             fd = await asyncio.to_thread(os.open, self.layout.data(sid), os.O_WRONLY)
         except FileNotFoundError:
             await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
             raise self._missing(sid) from None
         self._writing[sid] = self._writing.get(sid, 0) + 1
+        return fd
+
+    @contextlib.asynccontextmanager
+    async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
+                         ) -> AsyncIterator[FileChunkSlot]:
+        sid = meta.session_id
+        offset, length = meta.chunk_offset(index), meta.chunk_length(index)
+        fd = await self._open_data(sid)
         writer = FileRangeWriter(fd, offset, length, hashed=hashed, durable=self.durable)
         try:
             # One writer per chunk, in any process: an OFD lock on the chunk's byte range. Every
@@ -614,12 +620,7 @@ class FileSystemStore:
     async def open_append(self, meta: SessionMeta, *, hashed: bool | str = False
                           ) -> AsyncIterator[FileAppendSlot]:
         sid = meta.session_id
-        try:
-            fd = await asyncio.to_thread(os.open, self.layout.data(sid), os.O_WRONLY)
-        except FileNotFoundError:
-            await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
-            raise self._missing(sid) from None
-        self._writing[sid] = self._writing.get(sid, 0) + 1
+        fd = await self._open_data(sid)
         slot: FileAppendSlot | None = None
         try:
             # One PATCH per upload, in any process: an OFD lock on the whole file.
