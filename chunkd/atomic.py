@@ -45,6 +45,21 @@ def write_text_durably(path: Path, text: str, durable: bool = True) -> None:
             os.fsync(f.fileno())
 
 
+def create_once(path: Path, text: str, durable: bool = True) -> bool:
+    """Create ``path`` holding ``text`` unless it exists (a whole file or none: written to a
+    temp name, then ``link(2)``, which fails if the name is taken). True if this call made it;
+    the caller fsyncs the folder."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_text_durably(tmp, text, durable)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON document at ``path``, or ``None`` when there is no such file."""
     try:

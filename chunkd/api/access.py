@@ -103,12 +103,14 @@ def check_owner(meta: SessionMeta, subject: str | None) -> None:
         raise E.FORBIDDEN()
 
 
-async def owned_session(request: web.Request, session_id: str) -> SessionMeta:
+async def owned_session(request: web.Request, session_id: str, protocol: str = "chunked"
+                        ) -> SessionMeta:
     """The session's metadata for this request: 401 without a valid token (before the session
-    is looked up), 404/410 as the store says, 403 if it is another subject's."""
+    is looked up), 404/410 as the store says (404 too for a session of the other
+    ``protocol``), 403 if it is another subject's."""
     subject = subject_of(request)
     meta = await request.app[STORE].get(session_id)
-    if meta.is_tus:  # a tus upload is not a session of the chunk API (nor the reverse)
+    if meta.protocol != protocol:  # a tus upload is no chunk-API session, nor the reverse
         raise E.SESSION_NOT_FOUND()
     check_owner(meta, subject)
     return meta

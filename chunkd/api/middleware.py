@@ -157,7 +157,7 @@ class _ClientFaultsOnOneLine(logging.Filter):
     """aiohttp reads on (and fails again) after an undecodable body was answered, and logs that
     as an "Unhandled exception" with tracebacks: a client's fault, so one INFO line instead."""
 
-    FAULTS = (HttpProcessingError, RequestPayloadError, StopRequested)
+    FAULTS = (HttpProcessingError, RequestPayloadError)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from chunkd import errors as E
-from chunkd.api.access import check_owner, quota_client, subject_of
+from chunkd.api.access import check_owner, owned_session, quota_client, subject_of
 from chunkd.api.body import RequestBody
 from chunkd.api.middleware import BUSY_RETRY_AFTER, expect_handler
 from chunkd.api.tus_wire import (
@@ -57,6 +57,9 @@ log = logging.getLogger("chunkd.tus")
 
 #: How long a HEAD waits for a stale PATCH it asked to stop to let go of the upload.
 HEAD_WAIT_SECONDS = 2.0
+#: How long a PATCH or DELETE waits for a stale PATCH it asked to stop to let go (then the
+#: upload's lock is waited for as long again: 423 after that).
+STALE_WAIT_SECONDS = 3.0
 #: How often a PATCH looks for a stop request from another process.
 STOP_POLL_SECONDS = 1.0
 
@@ -114,13 +117,9 @@ def _check_version(request: web.Request) -> None:
 async def _upload(request: web.Request) -> SessionMeta:
     """The upload of the URL, for this request: 401 without a valid token, 412 without
     ``Tus-Resumable: 1.0.0``, 404/410 as the store says, 403 if it is another subject's."""
-    subject = subject_of(request)
+    subject_of(request)  # (verified once per request: owned_session asks again)
     _check_version(request)
-    meta = await request.app[STORE].get(request.match_info["upload_id"])
-    if not meta.is_tus:
-        raise E.SESSION_NOT_FOUND()  # a chunk-API session is not a tus upload
-    check_owner(meta, subject)
-    return meta
+    return await owned_session(request, request.match_info["upload_id"], protocol="tus")
 
 
 def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -131,13 +130,15 @@ def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
     return resp
 
 
-def _expires(meta: SessionMeta, state: SessionState | None, config: Config) -> dict[str, str]:
+def _expires(request: web.Request, meta: SessionMeta, state: SessionState | None = None
+             ) -> dict[str, str]:
     """``Upload-Expires``: when the upload expires unless more bytes come (just written, when
     no ``state`` is given)."""
     if state is not None and state.claim is not None:
         return {}  # finished: it no longer expires for lack of bytes
-    ts = state.expires_at(config.idle_session_ttl) if state is not None else \
-        meta.open_until(config.idle_session_ttl, time.time())
+    idle = request.app[CONFIG].idle_session_ttl
+    ts = state.expires_at(idle) if state is not None else \
+        meta.open_until(idle, request.app[STORE].clock())
     return {"Upload-Expires": http_date(ts)}
 
 
@@ -240,7 +241,7 @@ async def create(request: web.Request) -> web.Response:
                      meta.session_id, exc)
             offset = (await store.state(meta.session_id)).offset
     headers["Upload-Offset"] = str(offset)
-    headers.update(_expires(meta, None, config))
+    headers.update(_expires(request, meta))
     if length == offset and not concat:  # whole already (or empty)
         _finalize_later(request, meta.session_id, _credential(request))
     return _answer(201, headers)
@@ -323,7 +324,7 @@ async def head(request: web.Request) -> web.Response:
         headers["Upload-Concat"] = "partial"
     elif meta.concat == "final":
         headers["Upload-Concat"] = "final;" + " ".join(_base(request) + p for p in meta.parts)
-    headers.update(_expires(meta, state, request.app[CONFIG]))
+    headers.update(_expires(request, meta, state))
     return _answer(200, headers)
 
 
@@ -350,7 +351,7 @@ async def patch(request: web.Request) -> web.Response:
             _finalize_later(request, sid, _credential(request))
         raise
     headers = {"Upload-Offset": str(new)}
-    headers.update(_expires(meta, None, request.app[CONFIG]))
+    headers.update(_expires(request, meta))
     if meta.length_known and new == meta.total_size and meta.concat != "partial":
         _finalize_later(request, sid, _credential(request))
     return _answer(204, headers)
@@ -377,15 +378,15 @@ async def _append(request: web.Request, meta: SessionMeta, offset: int
         raise E.PATCH_TOO_LARGE(max_patch_size=max_patch)
     slots = request.app[BODY_SLOTS]
     client = quota_client(request, subject_of(request))
-    await _stop_stale(request, meta.session_id, 3.0)
+    await _stop_stale(request, meta.session_id, STALE_WAIT_SECONDS)
+    since = await store.stop_mark(meta.session_id)  # stop requests after this one count
     if not slots.take(client):  # answered before the body is read (the connection is closed)
         raise E.SERVER_BUSY(retry_after=BUSY_RETRY_AFTER)
     body = RequestBody(request, config.body_timeout, config.min_body_rate)
     active = _Active(body)
     running = request.app[TUS].active
     running[meta.session_id] = active
-    watcher = asyncio.create_task(_watch_stop(request, meta.session_id, body,
-                                              await store.stop_mark(meta.session_id)))
+    watcher = asyncio.create_task(_watch_stop(request, meta.session_id, body, since))
     hub = request.app[HUB]
     try:
         meta, new = await tus.append(
@@ -419,7 +420,7 @@ async def _watch_stop(request: web.Request, sid: str, body: RequestBody, since: 
 
 async def delete(request: web.Request) -> web.Response:
     sid = (await _upload(request)).session_id
-    await _stop_stale(request, sid, 3.0)
+    await _stop_stale(request, sid, STALE_WAIT_SECONDS)
     store = request.app[STORE]
     state = await store.state(sid)
     if state.claim is not None and state.claim.kind is EndKind.CONCAT:

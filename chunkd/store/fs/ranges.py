@@ -218,9 +218,7 @@ class FileRangeWriter:
         await self._submit_lent()
         if self._batch:
             await self._submit()
-        await self._wait_pending()
-        if self._failure is not None:
-            raise self._failure
+        await self._wait_pending()  # raises if any batch failed: nothing after it may count
         if self._durable:
             try:
                 await _fdatasync_async(self._fd)

@@ -27,7 +27,13 @@ from typing import Any
 import orjson
 
 from chunkd import errors as E
-from chunkd.atomic import fsync_dir, read_json, write_json_atomic, write_text_durably
+from chunkd.atomic import (
+    create_once,
+    fsync_dir,
+    read_json,
+    write_json_atomic,
+    write_text_durably,
+)
 from chunkd.errors import ChunkdError
 from chunkd.model.session import Claim, EndKind, SessionMeta, SessionState
 from chunkd.model.task import Task
@@ -340,16 +346,10 @@ class FileSystemStore:
         """Make ``tasks/<task_id>`` name the session, unless the id is taken (422). None when
         it named this session already (a twin request made it: not ours to remove)."""
         index = self.layout.task_index(task_id)
-        tmp = index.with_name(f".{task_id}.{uuid.uuid4().hex}.tmp")
-        write_text_durably(tmp, sid, self.durable)
-        try:
-            os.link(tmp, index)
-        except FileExistsError:
+        if not create_once(index, sid, self.durable):
             if index.read_text().strip() != sid:  # not the same final upload, made meanwhile
-                raise E.TASK_ID_IN_USE(task_id=task_id) from None
+                raise E.TASK_ID_IN_USE(task_id=task_id)
             return None
-        finally:
-            os.unlink(tmp)
         self._sync_dir(index.parent)
         return index
 
@@ -559,39 +559,42 @@ class FileSystemStore:
 
     # -- chunks ------------------------------------------------------------------------------
 
-    async def _open_data(self, sid: str) -> int:
-        """The session's ``data`` file, opened for writing; counted as being written by this
-        process until the caller's ``finally`` counts it down and closes it."""
+    @contextlib.asynccontextmanager
+    async def _data_fd(self, sid: str) -> AsyncIterator[int]:
+        """The session's ``data`` file, open for writing (and counted as being written by this
+        process) for the block; closing it releases the OFD locks taken on it."""
         try:
             fd = await asyncio.to_thread(os.open, self.layout.data(sid), os.O_WRONLY)
         except FileNotFoundError:
             await asyncio.to_thread(self._check_open_for_chunks, sid)  # handed off: 409
             raise self._missing(sid) from None
         self._writing[sid] = self._writing.get(sid, 0) + 1
-        return fd
-
-    @contextlib.asynccontextmanager
-    async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
-                         ) -> AsyncIterator[FileChunkSlot]:
-        sid = meta.session_id
-        offset, length = meta.chunk_offset(index), meta.chunk_length(index)
-        fd = await self._open_data(sid)
-        writer = FileRangeWriter(fd, offset, length, hashed=hashed, durable=self.durable)
         try:
-            # One writer per chunk, in any process: an OFD lock on the chunk's byte range. Every
-            # check below happens under it, so a chunk counted by someone else is never written
-            # again, and no write can land after finalize (which needs every chunk counted).
-            await lock_range(fd, offset, length, index)
-            counted = await asyncio.to_thread(self._counted_sync, meta, index)
-            yield FileChunkSlot(self, meta, index, writer, counted)
+            yield fd
         finally:
-            await writer.close()
             left = self._writing[sid] - 1
             if left:
                 self._writing[sid] = left
             else:
                 del self._writing[sid]
-            await asyncio.to_thread(os.close, fd)  # also releases the range lock
+            await asyncio.to_thread(os.close, fd)
+
+    @contextlib.asynccontextmanager
+    async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool
+                         ) -> AsyncIterator[FileChunkSlot]:
+        offset, length = meta.chunk_offset(index), meta.chunk_length(index)
+        async with self._data_fd(meta.session_id) as fd:
+            writer = FileRangeWriter(fd, offset, length, hashed=hashed, durable=self.durable)
+            try:
+                # One writer per chunk, in any process: an OFD lock on the chunk's byte range.
+                # Every check below happens under it, so a chunk counted by someone else is
+                # never written again, and no write can land after finalize (which needs every
+                # chunk counted).
+                await lock_range(fd, offset, length, index)
+                counted = await asyncio.to_thread(self._counted_sync, meta, index)
+                yield FileChunkSlot(self, meta, index, writer, counted)
+            finally:
+                await writer.close()  # before the fd closes (a write may still be running)
 
     def _counted_sync(self, meta: SessionMeta, index: int) -> str | None:
         """Is the session still open (else raise), and is this chunk counted (its digest)?"""
@@ -620,24 +623,16 @@ class FileSystemStore:
     async def open_append(self, meta: SessionMeta, *, hashed: bool | str = False
                           ) -> AsyncIterator[FileAppendSlot]:
         sid = meta.session_id
-        fd = await self._open_data(sid)
-        slot: FileAppendSlot | None = None
-        try:
+        async with self._data_fd(sid) as fd:
             # One PATCH per upload, in any process: an OFD lock on the whole file.
             await lock_range(fd, 0, 0, 0, wait=APPEND_LOCK_WAIT_SECONDS,
                              busy=lambda: E.UPLOAD_LOCKED())
             meta, offset = await asyncio.to_thread(self._append_check_sync, sid)
             slot = FileAppendSlot(self, fd, meta, offset, hashed)
-            yield slot
-        finally:
-            if slot is not None:
-                await slot.close()
-            left = self._writing[sid] - 1
-            if left:
-                self._writing[sid] = left
-            else:
-                del self._writing[sid]
-            await asyncio.to_thread(os.close, fd)  # also releases the lock
+            try:
+                yield slot
+            finally:
+                await slot.close()  # before the fd closes (a write may still be running)
 
     def _append_check_sync(self, sid: str) -> tuple[SessionMeta, int]:
         """Under the lock: still open, not expired; the metadata (its length may have been
@@ -670,14 +665,8 @@ class FileSystemStore:
         finally:
             os.close(fd)
         target = self.layout.length(sid)
-        tmp = target.with_name(f".length.{uuid.uuid4().hex}.tmp")
-        write_text_durably(tmp, str(length), self.durable)
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            pass  # declared by a request before (the caller checked it is the same)
-        finally:
-            os.unlink(tmp)
+        # (made by a request before when it exists: the caller checked it is the same length)
+        create_once(target, str(length), self.durable)
         self._sync_dir(target.parent)
         self._meta_cache.pop(sid, None)
         return self._meta(sid)
