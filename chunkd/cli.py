@@ -40,6 +40,8 @@ _HELP = {
     "allowed_extensions": "comma-separated file extensions allowed (default: the WhisperX "
     "service's own list in whisperx mode, else common audio/video)",
     "durable": "fdatasync each chunk before counting it: on|off (default on)",
+    "socket_body": "read large bodies straight from the socket in a worker thread: on|off "
+                   "(default on; off: through aiohttp's stream)",
     "min_free_space": "free space a new session must leave on the disk (default 64MiB)",
     "idle_session_ttl": "a session with no chunk for this long expires early (default 1h)",
     "max_reserved_bytes": "most bytes all open sessions may reserve (default 0: the disk)",

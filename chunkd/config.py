@@ -104,6 +104,9 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     #: fdatasync each chunk before counting it (on by default; off trades safety for speed).
     durable: bool = True
+    #: Read large chunk and PATCH bodies straight from the socket into the writer's buffers, in
+    #: one worker thread per body (off: through aiohttp's stream, one piece at a time).
+    socket_body: bool = True
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     #: Chunk bodies read at once (each holds at most ~1.5 MiB of buffers); more get 503
@@ -372,6 +375,7 @@ PARSERS: dict[str, Any] = {
     "sweep_interval": parse_duration,
     "allowed_extensions": parse_extensions,
     "durable": parse_bool,
+    "socket_body": parse_bool,
     "min_free_space": parse_size,
     "idle_session_ttl": parse_duration,
     "max_reserved_bytes": parse_size,

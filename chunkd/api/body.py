@@ -1,25 +1,29 @@
-"""Reading a chunk's body off the HTTP request: the one place that touches aiohttp's stream.
+"""Reading a chunk's or a PATCH's body off the HTTP request.
 
 :class:`RequestBody` is the :class:`~chunkd.core.uploads.BodySource` of a request. It owns the
 idle deadline (a body silent for ``idle_timeout`` is cut off with 408, the slow-loris guard), the
-minimum average rate (a trickle is cut off too) and the length checks, and hands each network
-piece to the store's range writer as it came (an owned ``bytes``: no copy in Python). A faster
-reader (``recv_into`` the writer's lent buffers) replaces this class without touching the store.
+minimum rate (a trickle is cut off too) and the length checks. A large plain body is taken off
+aiohttp (:mod:`chunkd.api.socket_body`) and read straight from the socket into the range
+writer's buffer by one worker thread (:meth:`~chunkd.store.base.RangeWriter.fill_from`); any
+other body comes through aiohttp's stream, each network piece handed to the writer as it came.
 
 Memory: the server reads every request with a small buffer (``cli.READ_BUFSIZE``), so a request
-whose body nobody reads holds little; a chunk body that got one of the :class:`BodySlots` raises
-it to :data:`BODY_READ_SIZE`. So buffered bytes are bounded by the connection cap times the small
-buffer plus the slots times the large one.
+whose body nobody reads holds little; a body that got one of the :class:`BodySlots` holds the
+writer's buffer (1 MiB) or, through aiohttp, raises the read size to :data:`BODY_READ_SIZE`. So
+buffered bytes are bounded by the connection cap times the small buffer plus the slots times
+the large one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from chunkd import errors as E
+from chunkd.api import socket_body
 from chunkd.store.base import RangeWriter
 
 #: aiohttp reads a chunk body in pieces of up to 2x this before pausing the socket. Its default
@@ -29,16 +33,43 @@ from chunkd.store.base import RangeWriter
 BODY_READ_SIZE = 256 * 1024
 
 
+class _Pace:
+    """The minimum rate, checked per window of ``idle`` seconds (not on average since the
+    start: a body cannot send fast first and then trickle for hours)."""
+
+    def __init__(self, min_rate: int, window: float) -> None:
+        self._min_rate, self._window = min_rate, window
+        self.total = 0
+        self._start, self._bytes = time.monotonic(), 0
+
+    def seen(self, n: int) -> None:
+        self.total += n
+        self._bytes += n
+        elapsed = time.monotonic() - self._start
+        if self._min_rate and elapsed > self._window:
+            if self._bytes < self._min_rate * elapsed:
+                raise E.BODY_TOO_SLOW(min_rate=self._min_rate, received_bytes=self.total,
+                                      seconds=round(elapsed))
+            self._start, self._bytes = time.monotonic(), 0
+
+
 class RequestBody:
-    def __init__(self, request: web.Request, idle_timeout: float, min_rate: int = 0) -> None:
+    def __init__(self, request: web.Request, idle_timeout: float, min_rate: int = 0, *,
+                 from_socket: bool = True) -> None:
+        self._request = request
         self._content = request.content
         self._content.set_read_chunk_size(BODY_READ_SIZE)
         self._idle = idle_timeout
         self._min_rate = min_rate
-        self._loop = asyncio.get_running_loop()
+        self._from_socket = from_socket
+        self._stopped: BaseException | None = None
+        self._taken: socket_body.TakenSocket | None = None
+        self._pace = _Pace(min_rate, idle_timeout)
+        self._last_byte = time.monotonic()
 
     def stop(self, exc: BaseException) -> None:
         """Make the body's next read raise ``exc`` (a reader waiting now wakes up with it)."""
+        self._stopped = exc
         self._content.set_exception(exc)
 
     async def _next(self) -> bytes:
@@ -49,40 +80,105 @@ class RequestBody:
             raise E.BODY_TIMEOUT(seconds=self._idle) from None
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        """The body's network pieces as they come, within the idle deadline and the minimum
-        rate (408 ``body_timeout`` / ``body_too_slow``)."""
-        total = 0
-        # The rate is checked per window of ``idle_timeout`` seconds, not on average since the
-        # start: a body cannot send fast first and then trickle for hours.
-        window_start, window_bytes = self._loop.time(), 0
+        """The body's network pieces through aiohttp, as they come, within the idle deadline
+        and the minimum rate (408 ``body_timeout`` / ``body_too_slow``)."""
         while data := await self._next():
-            total += len(data)
-            window_bytes += len(data)
-            elapsed = self._loop.time() - window_start
-            if self._min_rate and elapsed > self._idle:
-                if window_bytes < self._min_rate * elapsed:
-                    raise E.BODY_TOO_SLOW(min_rate=self._min_rate, received_bytes=total,
-                                          seconds=round(elapsed))
-                window_start, window_bytes = self._loop.time(), 0
+            self._pace.seen(len(data))
             yield data
 
-    async def _each(self, length: int, index: int, sink: RangeWriter | None) -> None:
+    def _read(self, view: memoryview) -> int:
+        """The worker thread's read of the taken socket, with the same deadlines."""
+        assert self._taken is not None
+        while True:
+            if self._stopped is not None:
+                raise self._stopped
+            try:
+                n = self._taken.recv_into(view)
+            except TimeoutError:
+                if time.monotonic() - self._last_byte > self._idle:
+                    raise E.BODY_TIMEOUT(seconds=self._idle) from None
+                continue
+            except OSError:  # reset or given back: the body ends here
+                return 0
+            if n:
+                self._last_byte = time.monotonic()
+                self._pace.seen(n)
+            return n
+
+    async def copy_into(self, writer: RangeWriter, *, limit: int,
+                        too_long: Callable[[], Exception], every: float | None = None,
+                        checkpoint: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Move the body into ``writer``, at most ``limit`` bytes (``too_long()`` is raised past
+        it); with ``checkpoint``, await it about every ``every`` seconds while the body lasts.
+        Returns the bytes moved (fewer than sent when the body was cut off)."""
+        length = self._request.content_length
+        taken = None
+        if self._from_socket and length is not None and length <= limit:
+            taken = socket_body.take(self._request, length)
+        if taken is None:
+            return await self._copy_pieces(self.pieces(), writer, limit, too_long, every,
+                                           checkpoint)
+        self._taken = taken
+        whole = False
+        try:
+            total = await self._copy_pieces(_listed(taken.prefix), writer, limit, too_long,
+                                            every, checkpoint)
+            remaining = taken.remaining
+            self._last_byte = time.monotonic()
+            while remaining:
+                n, ended = await writer.fill_from(self._read, remaining,
+                                                  seconds=every if checkpoint else None)
+                total += n
+                remaining -= n
+                if ended:  # as aiohttp says it: the middleware answers 400 invalid_body
+                    raise web.RequestPayloadError(
+                        f"the body ended {remaining} bytes before its Content-Length")
+                if checkpoint is not None and remaining:
+                    await checkpoint()
+            whole = True
+            return total
+        finally:
+            if self._stopped is None:  # a worker still reading (cancelled) stops at its next read
+                self._stopped = ConnectionAbortedError("the request ended")
+            taken.give_back(whole)
+
+    async def _copy_pieces(self, pieces: AsyncIterator[bytes], writer: RangeWriter | None,
+                           limit: int, too_long: Callable[[], Exception], every: float | None,
+                           checkpoint: Callable[[], Awaitable[None]] | None) -> int:
         total = 0
-        async for data in self.pieces():
+        last = time.monotonic()
+        async for data in pieces:
             total += len(data)
-            if total > length:
-                raise E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=length)
-            if sink is not None:
-                await sink.write(data)
-        if total < length:
-            raise E.CHUNK_INCOMPLETE(chunk_index=index, expected_bytes=length,
-                                     received_bytes=total)
+            if total > limit:
+                raise too_long()
+            if writer is not None:
+                await writer.write(data)
+            if checkpoint is not None and every is not None and time.monotonic() - last >= every:
+                await checkpoint()
+                last = time.monotonic()
+        return total
 
     async def copy_to(self, writer: RangeWriter, length: int, index: int) -> None:
-        await self._each(length, index, writer)
+        total = await self.copy_into(
+            writer, limit=length, too_long=lambda: E.CHUNK_TOO_LONG(chunk_index=index,
+                                                                      expected_bytes=length))
+        _check_whole(total, length, index)
 
     async def drain(self, length: int, index: int) -> None:
-        await self._each(length, index, None)
+        total = await self._copy_pieces(
+            self.pieces(), None, length,
+            lambda: E.CHUNK_TOO_LONG(chunk_index=index, expected_bytes=length), None, None)
+        _check_whole(total, length, index)
+
+
+def _check_whole(total: int, length: int, index: int) -> None:
+    if total < length:
+        raise E.CHUNK_INCOMPLETE(chunk_index=index, expected_bytes=length, received_bytes=total)
+
+
+async def _listed(items: list[bytes]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
 
 
 class BodySlots:

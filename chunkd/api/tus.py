@@ -382,7 +382,8 @@ async def _append(request: web.Request, meta: SessionMeta, offset: int
     since = await store.stop_mark(meta.session_id)  # stop requests after this one count
     if not slots.take(client):  # answered before the body is read (the connection is closed)
         raise E.SERVER_BUSY(retry_after=BUSY_RETRY_AFTER)
-    body = RequestBody(request, config.body_timeout, config.min_body_rate)
+    body = RequestBody(request, config.body_timeout, config.min_body_rate,
+                       from_socket=config.socket_body)
     active = _Active(body)
     running = request.app[TUS].active
     running[meta.session_id] = active

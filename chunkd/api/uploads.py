@@ -162,7 +162,8 @@ async def put_chunk(request: web.Request) -> web.Response:
         return busy
     try:
         config = request.app[CONFIG]
-        body = RequestBody(request, config.body_timeout, config.min_body_rate)
+        body = RequestBody(request, config.body_timeout, config.min_body_rate,
+                           from_socket=config.socket_body)
         receipt = await uploads.receive_chunk(store, meta, index, body, sha256)
     finally:
         slots.give(client)

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from chunkd import errors as E
 from chunkd.errors import ChunkdError
 from chunkd.model.session import EndKind, SessionMeta, SessionState
-from chunkd.store.base import AppendSlot, SessionStore
+from chunkd.store.base import AppendSlot, RangeWriter, SessionStore
 
 #: While a PATCH body streams, its bytes are flushed and counted this often: progress shows as
 #: the bytes arrive, and a crash or a cut connection loses at most this much of the body.
@@ -40,10 +39,14 @@ CHECKPOINT_SECONDS = 1.0
 _FINAL_NAMESPACE = uuid.UUID("5c1b2f64-8a4e-4a7e-9a57-0c6f3d2d1e90")
 
 
-class Pieces(Protocol):
-    """A request body as network pieces (the HTTP layer's; it owns the idle deadline)."""
+class Body(Protocol):
+    """A request body (the HTTP layer's; it owns the idle deadline)."""
 
-    def pieces(self) -> AsyncIterator[bytes]:
+    async def copy_into(self, writer: RangeWriter, *, limit: int,
+                        too_long: Callable[[], Exception], every: float | None = None,
+                        checkpoint: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Move the body into ``writer`` (at most ``limit`` bytes, else ``too_long()``),
+        awaiting ``checkpoint`` about every ``every`` seconds; return the bytes moved."""
         ...
 
 
@@ -54,7 +57,7 @@ def ready_to_finalize(state: SessionState) -> bool:
             and not state.missing and state.failure is None)
 
 
-async def append(store: SessionStore, meta: SessionMeta, *, offset: int, body: Pieces,
+async def append(store: SessionStore, meta: SessionMeta, *, offset: int, body: Body,
                  content_length: int | None, declared_length: int | None,
                  checksum: tuple[str, str] | None, max_patch: int, max_file_size: int,
                  progressed: Callable[[], None]) -> tuple[SessionMeta, int]:
@@ -77,19 +80,20 @@ async def append(store: SessionStore, meta: SessionMeta, *, offset: int, body: P
                 raise E.PATCH_TOO_LARGE(max_patch_size=max_patch)
         writer = slot.writer(room)
         keep_prefix = checksum is None  # a checksummed body counts whole or not at all
+
+        def too_long() -> Exception:
+            if limit == room:
+                return E.SIZE_EXCEEDED(length=end)
+            return E.PATCH_TOO_LARGE(max_patch_size=max_patch)
+
+        async def checkpoint() -> None:
+            await writer.commit()
+            await slot.advance()
+            progressed()
+
         try:
-            last = time.monotonic()
-            async for data in body.pieces():
-                if writer.written + len(data) > limit:
-                    if limit == room:
-                        raise E.SIZE_EXCEEDED(length=end)
-                    raise E.PATCH_TOO_LARGE(max_patch_size=max_patch)
-                await writer.write(data)
-                if keep_prefix and time.monotonic() - last >= CHECKPOINT_SECONDS:
-                    await writer.commit()
-                    await slot.advance()
-                    progressed()
-                    last = time.monotonic()
+            await body.copy_into(writer, limit=limit, too_long=too_long, every=CHECKPOINT_SECONDS,
+                                 checkpoint=checkpoint if keep_prefix else None)
             digest = await writer.commit()
         except BaseException as exc:
             if keep_prefix:  # what arrived whole is kept: the client goes on from there

@@ -138,6 +138,14 @@ class RangeWriter(Protocol):
         """The first ``n`` bytes of the last :meth:`buffer` are the range's next bytes."""
         ...
 
+    async def fill_from(self, read: Callable[[memoryview], int], n: int, *,
+                        seconds: float | None = None) -> tuple[int, bool]:
+        """Take up to ``n`` more bytes from the blocking ``read`` (fills a view, returns the
+        count, 0 at the end), called in a worker thread, into the writer's own buffers. Returns
+        ``(bytes taken, ended)``; returns early after ``seconds``. Bytes ``read`` delivered
+        before it raised are taken too."""
+        ...
+
     async def commit(self) -> str | None:
         """Write out what is pending and make it durable (in durable mode); return the SHA-256
         (hex) of every byte written when the range was opened ``hashed``."""

@@ -1,10 +1,14 @@
 """Writing one byte range of a session's ``data`` file: the OFD range lock and the range writer.
 
-The writer gathers what it is given into batches of :data:`WRITE_BUFFER` bytes and writes each
-batch with one ``pwritev`` in one thread hop (hashing it there too, when asked), while the next
-batch is being gathered: disk and network overlap and at most two batches per request are in
-memory. In durable mode each batch's writeback is started at once (``sync_file_range``) so the
-``fdatasync`` of :meth:`FileRangeWriter.commit` has little left to do.
+The writer takes bytes two ways. Given bytes (:meth:`FileRangeWriter.write`), it gathers them
+into batches of :data:`WRITE_BUFFER` bytes and writes each batch with one ``pwritev`` in one
+thread hop (hashing it there too, when asked), while the next batch is being gathered: disk and
+network overlap and at most two batches per request are in memory. Given a blocking reader
+(:meth:`FileRangeWriter.fill_from`, the HTTP layer's socket reader), one worker thread reads
+into the writer's own :data:`FILL_BUFFER` and writes it out, buffer after buffer, for the whole
+body: no copy in Python and no thread hop per buffer. In durable mode each batch's or buffer's
+writeback is started at once (``sync_file_range``) so the ``fdatasync`` of
+:meth:`FileRangeWriter.commit` has little left to do.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiofiles.os
@@ -28,6 +33,13 @@ from chunkd import errors as E
 #: Bytes gathered before one write to disk (one thread hop per batch). Measured on this kind of
 #: machine: writes of 256-512 KiB ran several times faster than writes of 1 MiB and more.
 WRITE_BUFFER = 512 * 1024
+#: The buffer :meth:`FileRangeWriter.fill_from` reads the socket into, one per request: the
+#: reference receiver of issue 13 (``recv_into`` + ``pwrite``) ran fastest with 1 MiB.
+FILL_BUFFER = 1024 * 1024
+#: Threads for :meth:`FileRangeWriter.fill_from` (made as needed; each holds one request for as
+#: long as its body lasts, so they are kept apart from the default executor's short jobs). The
+#: server's body slots (``--max-concurrent-chunks``) bound how many run at once.
+FILL_THREADS = 256
 #: How long a chunk waits for another upload of the same chunk to finish before answering 409.
 CHUNK_LOCK_WAIT_SECONDS = 30.0
 _IOV_MAX = 1024
@@ -78,6 +90,16 @@ def _pwrite_all(fd: int, pieces: list[bytes | memoryview], offset: int, hasher: 
             views[0] = views[0][n:]
     if start_writeback:
         _sync_file_range(fd, start, offset - start)
+
+
+_fill_executor: ThreadPoolExecutor | None = None
+
+
+def _fill_threads() -> ThreadPoolExecutor:
+    global _fill_executor
+    if _fill_executor is None:
+        _fill_executor = ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="chunkd-fill")
+    return _fill_executor
 
 
 _pwrite_async = aiofiles.os.wrap(_pwrite_all)  # one thread hop each (aiofiles: the design card's)
@@ -131,11 +153,12 @@ class FileRangeWriter:
         self._pos = offset            # file offset of the batch being gathered
         self._written = 0
         self._synced = 0
-        self._pending: asyncio.Future[None] | None = None
+        self._pending: asyncio.Future[Any] | None = None
         #: A batch write that failed: its bytes are not on disk, so nothing after may count.
         self._failure: BaseException | None = None
         self._lent: list[bytearray] = []  # the two buffers lent to buffer()/filled()
         self._lent_fill = 0
+        self._fill_buffer: bytearray | None = None  # fill_from's, made on first use
 
     @property
     def written(self) -> int:
@@ -171,6 +194,58 @@ class FileRangeWriter:
         self._written += n
         if self._lent_fill == WRITE_BUFFER or self._room() == 0:
             await self._submit_lent()
+
+    async def fill_from(self, read: Callable[[memoryview], int], n: int, *,
+                        seconds: float | None = None) -> tuple[int, bool]:
+        """Take up to ``n`` more bytes from ``read`` (blocking ``recv_into``-like: fills a view,
+        returns the count, 0 at the end), in one worker thread: read into this writer's buffer,
+        write it out, again. Returns ``(bytes taken, ended)``; stops after ``seconds`` if given
+        (at a buffer's end). What ``read`` put in the buffer before it raised is written too,
+        then the error is raised: those bytes are the range's, like any others."""
+        if n > self._room():
+            raise ValueError(f"{n} bytes past the range's end ({self._room()} left)")
+        await self._submit_lent()
+        if self._batch:
+            await self._submit()
+        await self._wait_pending()  # everything before self._pos is written
+        if self._fill_buffer is None:
+            self._fill_buffer = bytearray(FILL_BUFFER)
+        until = time.monotonic() + seconds if seconds is not None else None
+        taken = [0]
+        job = asyncio.get_running_loop().run_in_executor(
+            _fill_threads(), self._fill_sync, read, n, until, taken)
+        self._pending = asyncio.ensure_future(job)
+        try:
+            await self._wait_pending()
+        finally:
+            self._written += taken[0]  # written (or failed: then nothing after counts)
+        return taken[0], job.result()
+
+    def _fill_sync(self, read: Callable[[memoryview], int], n: int, until: float | None,
+                   taken: list[int]) -> bool:
+        assert self._fill_buffer is not None
+        view = memoryview(self._fill_buffer)
+        while taken[0] < n:
+            want, got, ended = min(len(view), n - taken[0]), 0, False
+            try:
+                while got < want:
+                    k = read(view[got:want])
+                    if k == 0:
+                        ended = True
+                        break
+                    got += k
+                    if until is not None and time.monotonic() >= until:
+                        break  # a checkpoint is due: write what there is
+            finally:  # also when read raised: what it delivered is written
+                if got:
+                    _pwrite_all(self._fd, [view[:got]], self._pos, self._hasher, self._durable)
+                    self._pos += got
+                    taken[0] += got
+            if ended:
+                return True
+            if until is not None and time.monotonic() >= until:
+                return False
+        return False
 
     async def _submit_lent(self) -> None:
         if self._lent_fill == 0:

@@ -577,7 +577,9 @@ class FileSystemStore:
                 self._writing[sid] = left
             else:
                 del self._writing[sid]
-            await asyncio.to_thread(os.close, fd)
+            # Shielded: a handler cancelled now (its client went away, or shutdown) must still
+            # close the file, or its OFD locks outlive the request and the chunk stays busy.
+            await asyncio.shield(asyncio.to_thread(os.close, fd))
 
     @contextlib.asynccontextmanager
     async def open_chunk(self, meta: SessionMeta, index: int, *, hashed: bool

@@ -1,0 +1,271 @@
+"""Large bodies read straight from the socket (issue 13): the same answers as through aiohttp's
+stream, the connection kept (keep-alive, pipelining) when the body was whole, closed when not,
+and every guarantee of the body path kept: idle deadline, cut-off and half-closed bodies,
+checksums on the bytes written, a tus PATCH's kept prefix and checkpoints, shutdown.
+
+Each test runs with ``socket_body`` on (the default) and off, at sizes past
+``socket_body.MIN_DIRECT_BYTES`` (the conftest lowers it for the rest of the suite; here it is
+the production value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from chunkd.api import socket_body
+from chunkd.app import make_app
+from chunkd.config import Config, MiB
+from tests.conftest import MEDIA, ChunkdTestServer, create_session, sha256, status_line
+
+BIG = 3 * MiB
+_HEAD = (MEDIA / "speech.wav").read_bytes()
+DATA = _HEAD + os.urandom(2 * BIG - len(_HEAD))  # a real recording's start: libmagic takes it
+TAKEN: list[int] = []  # bodies taken off aiohttp (their bytes on the wire then)
+
+
+@pytest.fixture(autouse=True)
+def _production_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket_body, "MIN_DIRECT_BYTES", 1 * MiB)
+    real = socket_body.take
+
+    def take(request, content_length):
+        taken = real(request, content_length)
+        if taken is not None and taken.remaining:
+            TAKEN.append(taken.remaining)
+        return taken
+
+    monkeypatch.setattr(socket_body, "take", take)
+    TAKEN.clear()
+
+
+@pytest.fixture(params=[True, False], ids=["socket", "stream"])
+async def app_client(request, aiohttp_client, tmp_path):
+    config = Config(data_dir=tmp_path / "data", chunk_size=BIG, body_timeout=1.5,
+                    min_body_rate=0, socket_body=request.param)
+    client = await aiohttp_client(ChunkdTestServer(make_app(config)))
+    client.socket_body = request.param
+    client.config = config
+    return client
+
+
+def chunk_request(sid: str, index: int, length: int, **headers: str) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"POST /upload/chunked/{sid}/chunk?index={index} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
+            f"{extra}\r\n").encode()
+
+
+async def read_response(reader) -> tuple[int, dict[str, str], bytes]:
+    line = await status_line(reader)
+    status = int(line.split()[1])
+    headers = {}
+    while (h := (await asyncio.wait_for(reader.readline(), 10)).strip()):
+        k, v = h.decode().split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), 10)
+    return status, headers, body
+
+
+async def status_of(client, sid: str) -> dict:
+    resp = await client.get(f"/upload/chunked/{sid}/status")
+    return await resp.json()
+
+
+async def test_pipelined_requests_behind_large_bodies_are_answered_on_one_connection(app_client):
+    """Two whole chunk bodies and a status request in one write, then a fourth request: four
+    answers in order on the same connection, and the stored bytes are the sent ones."""
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(chunk_request(sid, 0, BIG) + DATA[:BIG] + chunk_request(sid, 1, BIG)
+                 + DATA[BIG:] + f"GET /upload/chunked/{sid}/status HTTP/1.1\r\nHost: x\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert b'"received_chunks":2' in answers[2][2]
+    writer.write(f"GET /upload/chunked/{sid}/status HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, _, body = await read_response(reader)  # keep-alive: the connection still serves
+    assert status == 200 and b'"received_chunks":2' in body
+    writer.close()
+    data = (app_client.config.data_dir / "sessions" / sid / "data").read_bytes()
+    assert sha256(data) == sha256(DATA)
+    # the bodies went the socket way (most of each body), or aiohttp's stream when it is off
+    assert len(TAKEN) == (2 if app_client.socket_body else 0)
+    assert all(n > BIG // 2 for n in TAKEN)
+
+
+async def test_a_large_chunk_with_its_checksum_is_counted_and_a_wrong_one_is_not(app_client):
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    url = f"/upload/chunked/{sid}/chunk"
+    headers = {"Content-Type": "application/octet-stream"}
+    wrong = hashlib.sha256(b"other").hexdigest()
+    resp = await app_client.post(url, params={"index": "0"}, data=DATA[:BIG],
+                                 headers={**headers, "X-Chunk-Checksum": f"sha256={wrong}"})
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "checksum_mismatch"
+    assert (await status_of(app_client, sid))["received_chunks"] == 0
+    resp = await app_client.post(url, params={"index": "0"}, data=DATA[:BIG], headers={
+        **headers, "X-Chunk-Checksum": f"sha256={sha256(DATA[:BIG])}"})
+    assert resp.status == 200, await resp.text()
+    assert (await status_of(app_client, sid))["received_chunks"] == 1
+
+
+async def test_a_body_cut_off_mid_way_counts_nothing_and_the_chunk_can_be_sent_again(app_client):
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(chunk_request(sid, 0, BIG) + DATA[: BIG // 2])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()  # the client is gone (RST)
+    await asyncio.sleep(0.3)
+    assert (await status_of(app_client, sid))["received_chunks"] == 0
+    resp = await app_client.post(f"/upload/chunked/{sid}/chunk", params={"index": "0"},
+                                 data=DATA[:BIG],
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert resp.status == 200, await resp.text()  # the chunk's lock was let go
+
+
+async def test_a_half_closed_short_body_counts_nothing_and_the_connection_closes(app_client):
+    """aiohttp treats a half-close as the client leaving; either way nothing is counted and
+    the connection does not hang: it ends with no answer or a 400 ``invalid_body``."""
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(chunk_request(sid, 0, BIG) + DATA[: BIG // 2])
+    await writer.drain()
+    writer.write_eof()  # the client says it has sent everything
+    rest = await asyncio.wait_for(reader.read(), 10)
+    assert rest == b"" or (rest.startswith(b"HTTP/1.1 400") and b"invalid_body" in rest)
+    assert (await status_of(app_client, sid))["received_chunks"] == 0
+
+
+async def test_a_silent_body_is_408_after_the_idle_deadline_and_the_connection_closes(
+        app_client):
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(chunk_request(sid, 0, BIG) + DATA[: BIG // 2])
+    await writer.drain()
+    started = time.monotonic()
+    status, _, body = await read_response(reader)
+    assert status == 408 and b"body_timeout" in body
+    assert 1.0 < time.monotonic() - started < 5.0  # body_timeout is 1.5 s
+    # closed then (through aiohttp's stream: after its lingering read, up to 10 s)
+    assert await asyncio.wait_for(reader.read(), 15) == b""
+    writer.close()
+    assert (await status_of(app_client, sid))["received_chunks"] == 0
+
+
+async def test_expect_100_continue_then_a_large_body(app_client):
+    sid = (await create_session(app_client, "a.wav", DATA, BIG))["session_id"]
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(chunk_request(sid, 0, BIG, Expect="100-continue"))
+    await writer.drain()
+    assert (await status_line(reader)).startswith(b"HTTP/1.1 100")
+    assert (await reader.readline()).strip() == b""
+    writer.write(DATA[:BIG])
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    writer.close()
+
+
+# -- tus ---------------------------------------------------------------------------------------
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def meta(**pairs: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items())
+
+
+async def tus_create(client, length: int) -> str:
+    resp = await client.post("/files/", headers={**TUS, "Upload-Length": str(length),
+                                                  "Upload-Metadata": meta(filename="a.wav")})
+    assert resp.status == 201, await resp.text()
+    return resp.headers["Location"]
+
+
+def patch_request(location: str, offset: int, length: int) -> bytes:
+    return (f"PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+            f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def durable_offset(client, location: str) -> int:
+    """The upload's offset as the store keeps it on disk (read without a HEAD, which would
+    stop the PATCH)."""
+    sid = location.rsplit("/", 1)[1]
+    names = os.listdir(client.config.data_dir / "sessions" / sid / "offset")
+    return int(names[0]) if names else 0
+
+
+async def test_a_tus_patch_is_checkpointed_while_it_streams_and_a_cut_keeps_every_byte_sent(
+        app_client):
+    location = await tus_create(app_client, 2 * BIG)
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(patch_request(location, 0, 2 * BIG) + DATA[:BIG])
+    await writer.drain()
+    await asyncio.sleep(1.2)
+    writer.write(DATA[BIG : BIG + MiB])  # bytes after a second: a checkpoint is due
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    assert durable_offset(app_client, location) >= BIG  # counted while the body is open
+    writer.transport.abort()
+    deadline = time.monotonic() + 5
+    while durable_offset(app_client, location) != BIG + MiB and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    resp = await app_client.head(location, headers=TUS)
+    assert resp.headers["Upload-Offset"] == str(BIG + MiB)  # every byte that arrived is kept
+    resp = await app_client.patch(location, data=DATA[BIG + MiB : 2 * BIG], headers={
+        **TUS, "Content-Type": "application/offset+octet-stream",
+        "Upload-Offset": str(BIG + MiB)})
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(2 * BIG)
+    deadline = time.monotonic() + 10
+    while not (done := list((app_client.config.data_dir / "completed").glob("*/upload.*"))):
+        assert time.monotonic() < deadline, "not handed off"
+        await asyncio.sleep(0.05)
+    assert sha256(done[0].read_bytes()) == sha256(DATA[: 2 * BIG])
+    assert len(TAKEN) == (2 if app_client.socket_body else 0)
+
+
+async def test_a_newer_head_stops_a_stale_large_patch_at_once(app_client):
+    location = await tus_create(app_client, 2 * BIG)
+    _, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    writer.write(patch_request(location, 0, 2 * BIG) + DATA[: BIG // 2])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    resp = await app_client.head(location, headers=TUS)
+    assert resp.status == 200 and resp.headers["Upload-Offset"] == str(BIG // 2)
+    assert time.monotonic() - started < 1.5
+    writer.close()
+
+
+def test_sigterm_during_a_large_body_exits_without_waiting_for_it(server_factory):
+    """Graceful shutdown with a body half sent: the handler is cancelled after
+    --shutdown-timeout; the worker thread reading its socket stops too (no hang)."""
+    srv = server_factory("--shutdown-timeout", "1s", "--body-timeout", "60s")
+    host, port = srv.url.split("//")[1].rstrip("/").split(":")
+    req = urllib.request.Request(srv.url.rstrip("/") + "/upload/chunked/session", method="POST",
+                                 data=json.dumps({"filename": "a.wav", "total_size": 2 * BIG,
+                                                  "chunk_size": BIG, "total_chunks": 2}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    sid = json.loads(urllib.request.urlopen(req, timeout=10).read())["session_id"]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(chunk_request(sid, 0, BIG) + DATA[: BIG // 2])
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert srv.proc is not None
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    out, _ = srv.proc.communicate(timeout=20)
+    assert time.monotonic() - started < 8
+    assert srv.proc.returncode == 0, out
+    assert "Traceback" not in out
+    sock.close()
