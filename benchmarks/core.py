@@ -10,8 +10,8 @@ run) and reported as the median. All bytes are the same everywhere: chunkd's ``G
 (a real WAV header, then one random 1 MiB block repeated), materialized once for the raw writes.
 
 1. Raw write baseline: the same bytes written with plain Python to a file on the same disk as
-   chunkd's data dirs, in 50 MiB writes: no sync / one fsync at the end / fdatasync after every
-   50 MiB. Two extra rows replay chunkd's own syscall pattern in one thread (posix_fallocate,
+   chunkd's data dirs, in 256 KiB writes: no sync / one fsync at the end (issue 13's baseline);
+   and in 50 MiB writes with an fdatasync after every 50 MiB. Two extra rows replay chunkd's own syscall pattern in one thread (posix_fallocate,
    then 512 KiB pwrites, with and without an fdatasync per 50 MiB) to separate "Python + disk"
    from "HTTP + event loop + threads".
 2. chunkd: one 2 GiB upload over loopback in 50 MiB chunks, 1 and 4 chunks in flight, --durable
@@ -19,6 +19,14 @@ run) and reported as the median. All bytes are the same everywhere: chunkd's ``G
    ``GeneratedSource`` in 1 MiB pieces, no checksums (as peers.py does). Timed from the session
    POST to the last chunk's 200. Each configuration gets its own server process and data dir.
    The same client against a bare aiohttp handler that drops the bytes gives HTTP's ceiling here.
+   The limit row: the same client, the same four configurations, against
+   ``benchmarks/limit_receiver.py`` (a thread per connection, ``recv_into`` a 1 MiB buffer,
+   ``pwrite`` at the chunk's offset, ``fdatasync`` per chunk when durable; written for the
+   benchmark, not used by chunkd), its data dir in the same scratch folder (the same disk).
+   chunkd ÷ limit receiver is reported per configuration (the issue's target: ≥ 0.9 x). Server
+   CPU (user + system of the server process, all its threads, from ``/proc/<pid>/stat``; the
+   client, this script, excluded) over the same span, also per GiB uploaded, for chunkd, the
+   sink and the limit receiver, and chunkd's per GiB ÷ the sink's (target: ≤ 2 x).
 3. Finalize latency (the POST .../finalize round trip) for 100 MiB, 1 GiB and 4 GiB sessions
    (uploaded with --durable on, the default, 4 in flight), next to the seed's design on the same
    bytes: the session's 50 MiB chunk files are written (untimed, no fsync, like its save_chunk),
@@ -225,11 +233,13 @@ def raw_write(path: Path, data: memoryview, size: int, mode: str) -> float:
                     _write_all(fd, data[p : min(p + CHUNKD_WRITE_BUFFER, end)], p)
                 if mode == "chunkd_pattern_fdatasync":
                     os.fdatasync(fd)
-        else:
+        elif mode == "fdatasync_each":
             for off in range(0, size, CHUNK):
                 _write_all(fd, data[off : min(off + CHUNK, size)])
-                if mode == "fdatasync_each":
-                    os.fdatasync(fd)
+                os.fdatasync(fd)
+        else:  # issue 13's baseline: the same bytes in 256 KiB pieces (then one fsync)
+            for off in range(0, size, RAW_PIECE):
+                _write_all(fd, data[off : min(off + RAW_PIECE, size)])
             if mode == "fsync_end":
                 os.fsync(fd)
     finally:
@@ -254,9 +264,13 @@ def prime(scratch: Path, data: memoryview, size: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+#: The plain write's piece size (issue 13: "a plain write + fsync of the same bytes in 256 KiB
+#: pieces").
+RAW_PIECE = 256 * 1024
+
 RAW_MODES = {
-    "write": "raw write, 50 MiB writes, no sync",
-    "fsync_end": "raw write, 50 MiB writes, one fsync at end",
+    "write": "raw write, 256 KiB writes, no sync",
+    "fsync_end": "raw write, 256 KiB writes, one fsync at end",
     "fdatasync_each": "raw write, 50 MiB writes, fdatasync per 50 MiB",
     "chunkd_pattern": "chunkd pattern: fallocate + 512 KiB pwrites, no sync",
     "chunkd_pattern_fdatasync": "chunkd pattern: fallocate + 512 KiB pwrites, fdatasync per 50 MiB",
@@ -309,6 +323,8 @@ uvloop.run(main())
 
 
 # -- the server ------------------------------------------------------------------------------------
+
+LIMIT_RECEIVER = Path(__file__).resolve().parent / "limit_receiver.py"
 
 
 def mint_token(secret: str, subject: str = JWT_SUBJECT, lifetime: int = JWT_LIFETIME) -> str:
@@ -423,6 +439,16 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LimitServer(Server):
+    """``benchmarks/limit_receiver.py`` on 127.0.0.1:0, its data dir like chunkd's (same disk)."""
+
+    name = "limit receiver"
+
+    def command(self) -> tuple[list[str], Path]:
+        return [sys.executable, str(LIMIT_RECEIVER), "--data-dir", str(self.data_dir),
+                "--durable", "on" if self.durable else "off"], REPO
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -570,6 +596,22 @@ def measure_raw(res: Results, scratch: Path, data: memoryview, size: int) -> Non
         shutil.rmtree(raw_dir, ignore_errors=True)
 
 
+def record_upload(res: Results, key: str, up: Upload, extra: str = "") -> None:
+    """One throughput row (chunkd, the sink or the limit receiver): MB/s, server CPU (also per
+    GiB uploaded) and its kernel part, client CPU, minor faults, chunk p50."""
+    res.add(key, mb_per_s(up.total_size, up.seconds), "MB/s")
+    res.add(key + ":server_cpu", up.server_cpu, "CPU s")
+    res.add(key + ":server_cpu_gib", up.server_cpu / (up.total_size / GiB), "CPU s")
+    res.add(key + ":client_cpu", up.client_cpu, "CPU s")
+    res.add(key + ":server_sys", up.server_sys, "CPU s")
+    res.add(key + ":server_minflt", up.server_minflt, "faults")
+    res.add(key + ":p50", statistics.median(up.latencies) * 1000, "ms")
+    say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(up.total_size, up.seconds):.0f} MB/s, "
+        f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}, "
+        f"{up.server_cpu / (up.total_size / GiB):.2f} s/GiB), {up.server_minflt} minor faults, "
+        f"client CPU {up.client_cpu:.2f} s{extra}")
+
+
 async def measure_sink(res: Results, scratch: Path, data: memoryview, size: int) -> None:
     """The same upload into a bare aiohttp handler that drops the bytes: HTTP's ceiling here."""
     for parallel in (1, 4):
@@ -579,16 +621,27 @@ async def measure_sink(res: Results, scratch: Path, data: memoryview, size: int)
             async with client_session() as http:
                 up = await upload(http, server, total_size=size, chunk_size=CHUNK,
                                   parallel=parallel)
-        res.add(key, mb_per_s(size, up.seconds), "MB/s")
-        res.add(key + ":server_cpu", up.server_cpu, "CPU s")
-        res.add(key + ":client_cpu", up.client_cpu, "CPU s")
-        res.add(key + ":server_sys", up.server_sys, "CPU s")
-        res.add(key + ":server_minflt", up.server_minflt, "faults")
         res.add(key + ":read_size", size / up.status["pieces"] / KiB, "KiB")
-        say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(size, up.seconds):.0f} MB/s, "
-            f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}), {up.server_minflt} minor "
-            f"faults, client CPU {up.client_cpu:.2f} s, avg iter_any piece "
-            f"{size / up.status['pieces'] / KiB:.0f} KiB")
+        record_upload(res, key, up, f", avg iter_any piece "
+                      f"{size / up.status['pieces'] / KiB:.0f} KiB")
+
+
+def limit_key(durable: bool, parallel: int) -> str:
+    return f"limit:durable={'on' if durable else 'off'}:parallel={parallel}"
+
+
+async def measure_limit(res: Results, scratch: Path, data: memoryview, size: int) -> None:
+    """The limit row: the same upload into ``limit_receiver.py`` (recv_into + pwrite, and
+    fdatasync per chunk when durable), the same four configurations as chunkd's."""
+    for durable in (True, False):
+        for parallel in (1, 4):
+            prime(scratch, data, size)
+            with LimitServer(scratch, durable=durable) as server:
+                async with client_session() as http:
+                    up = await upload(http, server, total_size=size, chunk_size=CHUNK,
+                                      parallel=parallel)
+                    await abort(http, server, up.session_id)
+            record_upload(res, limit_key(durable, parallel), up)
 
 
 def chunkd_key(durable: bool, parallel: int, auth: bool = False) -> str:
@@ -620,15 +673,7 @@ async def _measure_chunkd_one(res: Results, scratch: Path, data: memoryview, siz
             up = await upload(http, server, total_size=size, chunk_size=CHUNK,
                               parallel=parallel)
             await abort(http, server, up.session_id)
-    res.add(key, mb_per_s(size, up.seconds), "MB/s")
-    res.add(key + ":server_cpu", up.server_cpu, "CPU s")
-    res.add(key + ":client_cpu", up.client_cpu, "CPU s")
-    res.add(key + ":server_sys", up.server_sys, "CPU s")
-    res.add(key + ":server_minflt", up.server_minflt, "faults")
-    res.add(key + ":p50", statistics.median(up.latencies) * 1000, "ms")
-    say(f"  {key}: {up.seconds:.2f} s, {mb_per_s(size, up.seconds):.0f} MB/s, "
-        f"server CPU {up.server_cpu:.2f} s (sys {up.server_sys:.2f}), "
-        f"{up.server_minflt} minor faults, client CPU {up.client_cpu:.2f} s")
+    record_upload(res, key, up)
     if auth:  # the auth-off row of this round was measured just before
         off = res.rows[chunkd_key(durable, parallel)][-1]
         ratio = res.rows[key][-1] / off
@@ -770,6 +815,33 @@ def auth_summary(res: Results) -> list[str]:
     return out
 
 
+def sink_cpu_gib(res: Results, parallel: int) -> float:
+    """The bare sink's server CPU s/GiB at ``parallel`` in flight (NaN when not measured)."""
+    key = f"sink:parallel={parallel}:server_cpu_gib"
+    return res.median(key) if key in res.rows else math.nan
+
+
+def limit_summary(res: Results) -> list[str]:
+    """Per chunkd configuration: chunkd ÷ limit receiver (of the medians and per round: both
+    measured in every round) and chunkd's server CPU s/GiB ÷ the sink's."""
+    out = []
+    for durable in (True, False):
+        for parallel in (1, 4):
+            c, lim = chunkd_key(durable, parallel), limit_key(durable, parallel)
+            if c not in res.rows or lim not in res.rows:
+                continue
+            per_run = ", ".join(f"{a / b:.2f}" for a, b in zip(res.rows[c], res.rows[lim],
+                                                                 strict=True))
+            cpu, lim_cpu = res.median(c + ":server_cpu_gib"), res.median(lim + ":server_cpu_gib")
+            out.append(f"--durable {'on' if durable else 'off'}, {parallel} in flight: chunkd ÷ "
+                       f"limit receiver {res.median(c) / res.median(lim):.2f} x "
+                       f"({res.median(c):.0f} ÷ {res.median(lim):.0f} MB/s; per round "
+                       f"[{per_run}]); server CPU {cpu:.2f} s/GiB (limit receiver "
+                       f"{lim_cpu:.2f}, sink {sink_cpu_gib(res, parallel):.2f}): chunkd ÷ sink "
+                       f"{cpu / sink_cpu_gib(res, parallel):.2f} x")
+    return out
+
+
 def report(res: Results, facts: dict[str, str], command: str, size: int, runs: int) -> str:
     out: list[str] = []
     out.append("## chunkd core benchmark\n")
@@ -797,41 +869,64 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
     out.append(f"### 2. chunkd: one {human(size)} upload over loopback, {human(CHUNK)} chunks\n")
     out.append("Sent by `chunkd.client.ChunkdClient` (1 MiB pieces streamed per chunk, no "
                "checksums) from this script, on the same cores as the server.\n")
-    out.append("| durable | in flight | median | runs | vs raw baseline "
-               "| chunk p50 | server CPU s (of it kernel) / client CPU s | server minor faults |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("| durable | in flight | median | runs | vs raw baseline | chunkd ÷ limit receiver "
+               "| chunk p50 | server CPU s (of it kernel) / client CPU s | server CPU s/GiB "
+               "| CPU/GiB ÷ sink's | server minor faults |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def line(label: str, parallel: int, k: str, vs_text: str, limit: str = "") -> str:
+        """One row of the table; the CPU cells from ``k``'s own CPU readings."""
+        runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[k])
+        p50 = f"{res.median(k + ':p50'):.0f} ms" if k + ":p50" in res.rows else ""
+        gib = res.median(k + ":server_cpu_gib") if k + ":server_cpu_gib" in res.rows else math.nan
+        return (f"| {label} | {parallel} | {res.median(k):.0f} MB/s | [{runs_text}] | {vs_text} | "
+                f"{limit} | {p50} | {res.median(k + ':server_cpu'):.2f} "
+                f"({res.median(k + ':server_sys'):.2f}) / {res.median(k + ':client_cpu'):.2f} | "
+                f"{gib:.2f} | {gib / sink_cpu_gib(res, parallel):.2f} x | "
+                f"{res.median(k + ':server_minflt'):.0f} |")
+
+    def vs(k: str, bases: list[tuple[str, str]]) -> str:
+        return "; ".join(f"{res.median(k) / res.median(b):.2f} x {b_label} "
+                         f"({res.median(b):.0f} MB/s)" for b, b_label in bases)
+
     for durable in ("on", "off"):
         bases = ([("raw:fsync_end", "write+fsync"), ("raw:fdatasync_each", "write+fdatasync/50MiB")]
                  if durable == "on" else [("raw:write", "plain write")])
         for parallel in (1, 4):
-            key = f"chunkd:durable={durable}:parallel={parallel}"
+            key = chunkd_key(durable == "on", parallel)
             jwt_key = chunkd_key(durable == "on", parallel, auth=True)
+            lim = limit_key(durable == "on", parallel)
             # the auth-on row (only when measured) right below its auth-off row
             for k, label, extra in [(key, durable, [])] + (
                     [(jwt_key, f"{durable}, {AUTH_LABEL}", [(key, "auth off")])]
                     if jwt_key in res.rows else []):
-                vs = "; ".join(f"{res.median(k) / res.median(b):.2f} x {b_label} "
-                               f"({res.median(b):.0f} MB/s)" for b, b_label in extra + bases)
-                runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[k])
-                cpu = res.median(k + ":server_cpu")
-                p50 = f"{res.median(k + ':p50'):.0f} ms" if k + ":p50" in res.rows else ""
-                out.append(
-                    f"| {label} | {parallel} | {res.median(k):.0f} MB/s | [{runs_text}] | {vs} | "
-                    f"{p50} | {cpu:.2f} ({res.median(k + ':server_sys'):.2f}) / "
-                    f"{res.median(k + ':client_cpu'):.2f} | "
-                    f"{res.median(k + ':server_minflt'):.0f} |"
-                )
+                limit = (f"{res.median(k) / res.median(lim):.2f} x ({res.median(lim):.0f} MB/s)"
+                         if lim in res.rows else "")
+                out.append(line(label, parallel, k, vs(k, extra + bases), limit))
+        for parallel in (1, 4):
+            lim = limit_key(durable == "on", parallel)
+            if lim in res.rows:
+                out.append(line(f"(limit receiver) {durable}", parallel, lim, vs(lim, bases)))
     for parallel in (1, 4):
         key = f"sink:parallel={parallel}"
-        runs_text = ", ".join(fmt(v, "MB/s") for v in res.rows[key])
-        out.append(
-            f"| (bare aiohttp sink, no disk) | {parallel} | {res.median(key):.0f} MB/s | "
-            f"[{runs_text}] | {res.median(key) / res.median('raw:write'):.2f} x plain write; "
-            f"avg iter_any piece {res.median(key + ':read_size'):.0f} KiB | | "
-            f"{res.median(key + ':server_cpu'):.2f} ({res.median(key + ':server_sys'):.2f}) / "
-            f"{res.median(key + ':client_cpu'):.2f} | {res.median(key + ':server_minflt'):.0f} |"
-        )
+        out.append(line("(bare aiohttp sink, no disk)", parallel, key,
+                        f"{res.median(key) / res.median('raw:write'):.2f} x plain write; avg "
+                        f"iter_any piece {res.median(key + ':read_size'):.0f} KiB"))
     out.append("")
+    if any(limit_key(d, p) in res.rows for d in (True, False) for p in (1, 4)):
+        out.append("*Limit receiver*: `benchmarks/limit_receiver.py`, written for this benchmark "
+                   "and not used by chunkd: a thread per connection on blocking sockets, each "
+                   "chunk's body `recv_into` one reusable 1 MiB buffer and `pwrite` at "
+                   "`index × chunk size` into one file per session (its data dir beside "
+                   "chunkd's: the same disk), `fdatasync` per chunk when durable; no markers, "
+                   "checks or folder fsyncs. Same client, same bytes, same rounds. "
+                   "*Server CPU*: user + system seconds of the server process (all its threads, "
+                   "`/proc/<pid>/stat`; the client excluded) from the session POST to the last "
+                   "chunk's answer; per GiB uploaded, and ÷ the bare sink's at the same chunks "
+                   "in flight. Against the issue's targets (chunkd ≥ 0.9 x the limit receiver; "
+                   "server CPU per GiB ≤ 2 x the sink's):\n")
+        out.extend(f"- {text}" for text in limit_summary(res))
+        out.append("")
     if auth_rows(res):
         out.append(f"Rows marked *{AUTH_LABEL}*: the same upload, measured right after the "
                    "auth-off row in each round, against a server started with "
@@ -953,6 +1048,7 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
         if "chunkd" in only:
             await measure_chunkd(res, scratch, data, size, auth=args.auth)
             await measure_sink(res, scratch, data, size)
+            await measure_limit(res, scratch, data, size)
         if "finalize" in only:
             await measure_finalize(res, scratch, finalize_sizes)
         if "rss" in only:
@@ -979,6 +1075,9 @@ def main(argv: list[str] | None = None) -> int:
         if set(args.only.split(",")) >= {"raw", "chunkd", "finalize", "rss"} else \
         json.dumps(res.rows, indent=1)
     print(text)
+    if limit_summary(res):
+        say("chunkd ÷ limit receiver, CPU ÷ sink:\n" + "\n".join(f"  {line}"
+                                                              for line in limit_summary(res)))
     if auth_rows(res):
         say("auth on (JWT) ÷ auth off:\n" + "\n".join(f"  {line}" for line in auth_summary(res)))
     if args.json:

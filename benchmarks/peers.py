@@ -11,8 +11,9 @@ Servers, each its own process on 127.0.0.1 and a free port, with a fresh data di
 * chunkd's chunked API: chunkd --durable off (like the peers, which never fsync) and chunkd
   --durable on (its default), sent by chunkd's own client,
 * chunkd's tus 1.0.0 path (``chunkd serve --tus-path /files/``), --durable off and on, sent by the
-  very same tus client code as the two peers (``tus_upload``: the same bytes, PATCH size and
-  concurrency), so chunkd ÷ peer is also measured on one protocol,
+  very same tus client code as the two peers (``chunkd.client.tus.TusClient``, which ``chunkd
+  bench --protocol tus`` uses too: the same bytes, PATCH size and concurrency), so chunkd ÷ peer
+  is also measured on one protocol,
 * tuspyserver (``create_tus_router`` mounted in a FastAPI app, one uvicorn process with uvloop and
   httptools, as ``uvicorn[standard]`` installs them),
 * @tus/server + @tus/file-store on Node.js.
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
@@ -70,7 +70,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import aiohttp
 
@@ -79,7 +78,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import core  # noqa: E402  (benchmarks/core.py: helpers shared with the core benchmark)
-from chunkd.client import ChunkdClient, GeneratedSource  # noqa: E402
+from chunkd.bench import process_tree, tree_cpu  # noqa: E402
+from chunkd.client import ChunkdClient, GeneratedSource, TusClient  # noqa: E402
 from core import (  # noqa: E402
     AUDIO_HEAD,
     REPO,
@@ -88,7 +88,6 @@ from core import (  # noqa: E402
     Results,
     human,
     mb_per_s,
-    read_proc_stat,
     read_proc_status,
     say,
 )
@@ -100,8 +99,6 @@ NODE_DIR = PEERS / "node"
 SRC = HERE / "peer_servers"
 INSTALL_TIMEOUT = 900.0          #: seconds, each pip / npm install
 REQUEST_TIMEOUT = 300.0          #: seconds, every HTTP request of the benchmark
-TUS = "1.0.0"
-
 HANDOFF_TIMEOUT = 60.0           #: seconds, from the last PATCH until chunkd's tus hand-off is done
 HANDOFF_POLL = 0.002             #: seconds between two looks for the handed-off file
 TUS_PATH = "/files/"             #: chunkd's tus base path here (its default; the peers' too)
@@ -116,7 +113,7 @@ SERVERS = {
 }
 PEER_KINDS = ("tuspyserver", "tus-node")
 CHUNKED_KINDS = ("chunkd-off", "chunkd-on")       #: chunkd's chunked API, its own client
-CHUNKD_TUS_KINDS = ("chunkd-tus-off", "chunkd-tus-on")  #: chunkd's tus path, ``tus_upload``
+CHUNKD_TUS_KINDS = ("chunkd-tus-off", "chunkd-tus-on")  #: chunkd's tus path, ``TusClient``
 #: chunkd's tus row for each chunked row (the same --durable)
 TUS_OF = dict(zip(CHUNKED_KINDS, CHUNKD_TUS_KINDS, strict=True))
 
@@ -246,35 +243,16 @@ def make_server(kind: str, scratch: Path) -> Any:
     return PeerServer(kind, scratch)
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every descendant (uvicorn/node workers, if any) still alive."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def tree_hwm(root: int) -> int:
+    """VmHWM of ``root`` and its descendants (uvicorn/node workers, if any), in bytes."""
     return sum(read_proc_status(p).get("VmHWM", 0) for p in process_tree(root))
 
 
-def tree_cpu(root: int) -> float:
-    total = 0.0
-    for p in process_tree(root):
-        user, system, _ = read_proc_stat(p)
-        if user == user:  # not NaN
-            total += user + system
-    return total
+def server_cpu(root: int) -> float:
+    """CPU seconds of the server tree so far, as ``chunkd bench`` counts them (user + system,
+    all threads, children included); NaN (shown as n/a) when the server is gone."""
+    cpu = tree_cpu(root)
+    return float("nan") if cpu is None else cpu
 
 
 # -- the clients -----------------------------------------------------------------------------------
@@ -303,10 +281,6 @@ async def chunkd_upload(client: ChunkdClient, size: int, seed: int) -> tuple[One
     return OneUpload(size, res.chunk_latencies, 0.0), res.session_id
 
 
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode("ascii")
-
-
 async def wait_for_handoff(completed: Path, task_id: str, since: float) -> tuple[float, Path]:
     """Seconds from ``since`` until ``completed/<task_id>/upload.*`` exists (chunkd's folder
     hand-off renames the finished file there), and that file; bounded by HANDOFF_TIMEOUT."""
@@ -328,51 +302,26 @@ async def wait_for_handoff(completed: Path, task_id: str, since: float) -> tuple
 async def tus_upload(http: aiohttp.ClientSession, url: str, size: int, chunk: int, seed: int,
                      completed: Path | None = None,
                      waits: list[asyncio.Task[tuple[float, Path]]] | None = None) -> OneUpload:
-    """tus 1.0: POST (creation) with Upload-Length, then PATCHes one after the other, then a HEAD.
+    """tus 1.0 through ``TusClient``: POST (creation) with Upload-Length, then PATCHes one after
+    the other, then a HEAD; the same requests for every tus server (and ``chunkd bench``).
 
-    The same requests for every tus server. With ``completed`` (chunkd's tus path), a task
-    started right after the last PATCH's answer waits for the hand-off (``OneUpload.handoff``,
-    also appended to ``waits``, so that the caller can cancel it if another upload fails)."""
-    source = source_for(size, seed)
+    With ``completed`` (chunkd's tus path), a task started right after the last PATCH's answer
+    waits for the hand-off (``OneUpload.handoff``, also appended to ``waits``, so that the caller
+    can cancel it if another upload fails)."""
     task_id = str(uuid.uuid4())
-    async with http.post(url, headers={
-        "Tus-Resumable": TUS, "Upload-Length": str(size), "Content-Length": "0",
-        "Upload-Metadata": f"filename {_b64(source.name)},filetype {_b64('audio/wav')},"
-                           f"taskId {_b64(task_id)}",
-    }) as resp:
-        await resp.read()
-        if resp.status != 201 or "Location" not in resp.headers:
-            raise RuntimeError(f"tus POST -> {resp.status} {dict(resp.headers)}")
-        location = urljoin(url, resp.headers["Location"])
-    latencies: list[float] = []
-    lengths: list[int] = []
     handoff: asyncio.Task[tuple[float, Path]] | None = None
-    offset = 0
-    while offset < size:
-        length = min(chunk, size - offset)
-        t0 = time.perf_counter()
-        async with http.patch(location, data=source.pieces(offset, length), headers={
-            "Tus-Resumable": TUS, "Upload-Offset": str(offset), "Content-Length": str(length),
-            "Content-Type": "application/offset+octet-stream",
-        }) as resp:
-            body = await resp.read()
-            if resp.status != 204:
-                raise RuntimeError(f"tus PATCH @{offset} -> {resp.status}: {body[:300]!r}")
-            got = int(resp.headers.get("Upload-Offset", -1))
-        t1 = time.perf_counter()
-        latencies.append(t1 - t0)
-        lengths.append(length)
-        if completed is not None and got == size:
-            handoff = asyncio.create_task(wait_for_handoff(completed, task_id, t1))
+
+    def on_patch(offset: int, _seconds: float) -> None:
+        nonlocal handoff
+        if completed is not None and offset == size:
+            handoff = asyncio.create_task(wait_for_handoff(completed, task_id,
+                                                           time.perf_counter()))
             if waits is not None:
                 waits.append(handoff)
-        if got != offset + length:
-            raise RuntimeError(f"tus PATCH @{offset}+{length}: server says offset {got}")
-        offset = got
-    async with http.head(location, headers={"Tus-Resumable": TUS}) as resp:
-        await resp.read()
-        if resp.status != 200 or int(resp.headers.get("Upload-Offset", -1)) != size:
-            raise RuntimeError(f"tus HEAD after upload: {resp.status} {dict(resp.headers)}")
+
+    up = await TusClient(http, url, chunk_size=chunk).upload(
+        source_for(size, seed), filetype="audio/wav", task_id=task_id, on_patch=on_patch)
+    latencies, lengths = up.latencies, up.lengths
     # The last PATCH minus what its bytes would have taken at the other PATCHes' average speed.
     extra = (latencies[-1] - sum(latencies[:-1]) / sum(lengths[:-1]) * lengths[-1]
              if len(latencies) > 1 else float("nan"))
@@ -416,7 +365,7 @@ async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_fli
                   ) -> Measurement:
     """One fresh server; ``len(sizes)`` uploads in parallel; server stopped, data dir removed."""
     with make_server(kind, scratch) as server:
-        cpu0, ccpu0 = tree_cpu(server.pid), time.process_time()
+        cpu0, ccpu0 = server_cpu(server.pid), time.process_time()
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=30)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=timeout) as http:
@@ -429,7 +378,7 @@ async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_fli
                 done = await asyncio.gather(*(chunkd_upload(client, s, i)
                                               for i, s in enumerate(sizes)))
                 seconds = time.perf_counter() - t0
-                cpu1, ccpu1 = tree_cpu(server.pid), time.process_time()
+                cpu1, ccpu1 = server_cpu(server.pid), time.process_time()
                 ups = [u for u, _ in done]
                 for _, sid in done:  # one after the other: the round trip alone
                     f0 = time.perf_counter()
@@ -450,7 +399,7 @@ async def measure(kind: str, scratch: Path, sizes: list[int], chunk: int, in_fli
                         t.cancel()
                     raise
                 seconds = time.perf_counter() - t0
-                cpu1, ccpu1 = tree_cpu(server.pid), time.process_time()
+                cpu1, ccpu1 = server_cpu(server.pid), time.process_time()
                 finalize = [u.finalize for u in ups]
                 try:
                     for u in ups if completed is not None else []:

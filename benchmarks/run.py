@@ -155,11 +155,19 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
     size = core.human(cdoc["size_bytes"])
     rows: list[tuple[str, str, str, bool, str]] = []  # target, measured, need, met, by how much
 
-    def ratio_row(target: str, value: float, need: float, detail: str) -> None:
-        met = value >= need
-        by = (f"+{(value / need - 1) * 100:.0f}% over" if met else
-              f"{(1 - value / need) * 100:.0f}% short ({value:.2f} of {need:.2f})")
-        rows.append((target, f"{value:.2f} x ({detail})", f"≥ {need:g} x", met, by))
+    def ratio_row(target: str, value: float, need: float, detail: str,
+                  at_most: bool = False) -> None:
+        """A ratio that must be ≥ ``need`` (or, ``at_most``, ≤ ``need``)."""
+        if at_most:
+            met = value <= need
+            by = (f"{(1 - value / need) * 100:.0f}% under" if met else
+                  f"{(value / need - 1) * 100:.0f}% over ({value:.2f} of {need:.2f})")
+        else:
+            met = value >= need
+            by = (f"+{(value / need - 1) * 100:.0f}% over" if met else
+                  f"{(1 - value / need) * 100:.0f}% short ({value:.2f} of {need:.2f})")
+        rows.append((target, f"{value:.2f} x ({detail})", f"{'≤' if at_most else '≥'} {need:g} x",
+                     met, by))
 
     raw, fsync = cm("raw:write"), cm("raw:fsync_end")
     for par in (1, 4):
@@ -170,6 +178,22 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
         v = cm(f"chunkd:durable=on:parallel={par}")
         ratio_row(f"one {size} upload, --durable on, {par} in flight ÷ raw write + fsync",
                   v / fsync, 0.9, f"{v:.0f} ÷ {fsync:.0f} MB/s")
+    for durable in (True, False):  # the limit row: the same client, disk and --durable
+        for par in (1, 4):
+            if core.limit_key(durable, par) in c:
+                v, lim = cm(core.chunkd_key(durable, par)), cm(core.limit_key(durable, par))
+                ratio_row(f"one {size} upload, --durable {'on' if durable else 'off'}, {par} in "
+                          "flight ÷ the limit receiver (recv_into + pwrite"
+                          f"{' + fdatasync' if durable else ''})", v / lim, 0.9,
+                          f"{v:.0f} ÷ {lim:.0f} MB/s")
+    for durable in (True, False):  # server CPU per GiB, chunkd ÷ the bare aiohttp sink
+        for par in (1, 4):
+            mine, sink = core.chunkd_key(durable, par), f"sink:parallel={par}"
+            if f"{mine}:server_cpu_gib" in c and f"{sink}:server_cpu_gib" in c:
+                v, s = cm(f"{mine}:server_cpu_gib"), cm(f"{sink}:server_cpu_gib")
+                ratio_row(f"server CPU s/GiB, --durable {'on' if durable else 'off'}, {par} in "
+                          "flight: chunkd ÷ the bare aiohttp sink", v / s, 2,
+                          f"{v:.2f} ÷ {s:.2f} s/GiB", at_most=True)
     fin = sorted((k.split(":", 1)[1] for k in c if k.startswith("finalize:")),
                  key=_bytes)
     if len(fin) > 1:
@@ -216,8 +240,8 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
     out = ["## Targets\n"]
     out.append(f"The issue's targets, checked on this run (medians of {cdoc['runs']} runs): "
                f"**{met_n} of {len(rows)} met**. Throughput ratios compare medians measured in "
-               "the same rounds; the throughput and RSS figures come from `core.py`, the peer "
-               "ratios and the finalize comparison from `peers.py`.\n")
+               "the same rounds; the throughput, limit receiver, server CPU and RSS figures come "
+               "from `core.py`, the peer ratios and the finalize comparison from `peers.py`.\n")
     out.append("| target | measured | needed | | by how much |")
     out.append("|---|---|---|---|---|")
     for target, measured, need, met, by in rows:

@@ -233,6 +233,8 @@ async def test_chunkd_bench_json(server_factory):
     assert doc["finalize_ms_median"] > 0
     assert doc["errors_by_status"] == {}
     assert doc["server_pid"] == srv.proc.pid and doc["server_peak_rss_mib"] > 10
+    assert doc["protocol"] == "chunked" and doc["server_cpu_s_per_gib"] > 0
+    assert doc["left_on_server"] == 2  # finalized: the folder hand-off keeps them
 
 
 async def test_a_changed_file_is_not_resumed_into_the_old_session(server_factory, tmp_path):

@@ -55,6 +55,21 @@ class ChunkdClientError(Exception):
         )
 
 
+def answer_error(status: int, body: bytes) -> ChunkdClientError:
+    """The error an answer carries: chunkd's ``{"error": {"code", "message", ...}}``, else the
+    start of the body as the message (any other server's)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict):
+        details = {k: v for k, v in err.items() if k not in ("code", "message")}
+        return ChunkdClientError(status, str(err.get("code")), str(err.get("message")), details)
+    text = " ".join(body[:200].decode("utf-8", "replace").split())  # one line, even of HTML
+    return ChunkdClientError(status, f"http_{status}", text or f"HTTP {status}")
+
+
 class Source(Protocol):
     """Where the bytes come from: a file, or generated data for benchmarks."""
 
@@ -183,13 +198,7 @@ class ChunkdClient:
         except orjson.JSONDecodeError:
             doc = None
         if status >= 400 or not isinstance(doc, dict):
-            err = doc.get("error") if isinstance(doc, dict) else None
-            if isinstance(err, dict):
-                details = {k: v for k, v in err.items() if k not in ("code", "message")}
-                raise ChunkdClientError(status, str(err.get("code")), str(err.get("message")),
-                                        details)
-            raise ChunkdClientError(status, f"http_{status}",
-                                    body[:200].decode("utf-8", "replace") or f"HTTP {status}")
+            raise answer_error(status, body)
         return doc
 
     async def create_session(
