@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
+from chunkd.api import socket_body
 from chunkd.api.middleware import JsonErrorAppRunner
 from chunkd.app import make_app
 from chunkd.config import Config, KiB
@@ -31,6 +32,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("CHUNKD_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _bodies_from_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every body with a byte still on the wire when its handler starts is read straight from
+    the socket (production: only those with 1 MiB or more left), so the suite's small bodies
+    check that path's answers too. Bodies aiohttp already holds whole, chunked or encoded
+    bodies and ``socket_body=False`` still take aiohttp's stream."""
+    monkeypatch.setattr(socket_body, "MIN_DIRECT_BYTES", 1)
 
 
 @pytest.fixture
