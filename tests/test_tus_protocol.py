@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import fcntl
 import hashlib
 import os
 import re
 import struct
+import threading
 import time
 import uuid
 
@@ -21,8 +23,9 @@ import aiohttp
 import pytest
 
 from chunkd.app import make_app
-from chunkd.config import Config, KiB
+from chunkd.config import Config, KiB, MiB
 from chunkd.keys import DRAIN
+from chunkd.store.fs.store import PartsBlob
 from conftest import MEDIA, ChunkdTestServer, sha256
 
 SPEECH = (MEDIA / "speech.wav").read_bytes()
@@ -537,6 +540,41 @@ async def test_concatenation_is_o1_idempotent_and_leaves_one_copy(tus, tus_confi
     assert (await patch(tus, final, len(SPEECH), b"x")).status == 403
 
 
+def test_a_final_uploads_file_appears_only_whole_where_it_is_handed_off(tmp_path):
+    """The parts are joined under another name and renamed when whole: a consumer watching
+    completed/ (or a test reading it) never sees the first part alone. Found by a flaky
+    hand-off check: the file grew in place while the other parts were appended."""
+    parts_dir, target = tmp_path / "parts", tmp_path / "completed" / "upload.wav"
+    parts_dir.mkdir()
+    target.parent.mkdir()
+    sizes = (8 * MiB, 8 * MiB, 8 * MiB + 5)
+    paths = []
+    for k, size in enumerate(sizes):
+        paths.append(parts_dir / str(k))
+        paths[-1].write_bytes(bytes([k + 1]) * size)
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.add(target.stat().st_size)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        asyncio.run(PartsBlob(paths, sizes, durable=True).move_to(target))
+    finally:
+        done.set()
+        watcher.join()
+    assert seen <= {sum(sizes)}
+    assert target.read_bytes() == b"".join(bytes([k + 1]) * n for k, n in enumerate(sizes))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["upload.wav"]
+    assert not any(parts_dir.iterdir())
+    asyncio.run(PartsBlob(paths, sizes, durable=True).move_to(target))  # a retry: nothing to do
+    assert target.stat().st_size == sum(sizes)
+
+
 @pytest.mark.parametrize(("case", "status", "code"), [
     ("incomplete", 400, "partial_incomplete"),
     ("unknown", 404, "session_not_found"),
@@ -806,8 +844,9 @@ async def test_the_chunk_api_does_not_serve_a_tus_upload(tus):
 
 async def test_a_crash_while_a_final_upload_moves_is_finished_from_where_it_was(
         tus, tus_config):
-    """The folder hand-off had moved the first part into place when the process died: the
-    finalize done again (recovery's) goes on from there, and the file is whole."""
+    """The folder hand-off had joined the first two parts (under the joining name) when the
+    process died: the finalize done again (recovery's) goes on from there, and the file is
+    whole, under its own name only."""
     from chunkd.core.finalize import finalize
     from chunkd.keys import RUNNER, STORE
 
@@ -823,10 +862,16 @@ async def test_a_crash_while_a_final_upload_moves_is_finished_from_where_it_was(
     target = tus_config.data_dir / "completed" / task / "upload.wav"
     target.parent.mkdir(parents=True)
     parts = tus_config.data_dir / "sessions" / meta.session_id / "parts"
-    os.rename(parts / "0", target)  # ... and then the process died
+    joining = target.with_name(".upload.wav.joining")
+    os.rename(parts / "0", joining)
+    with open(joining, "ab") as out:
+        out.write((parts / "1").read_bytes())
+    os.unlink(parts / "1")  # ... and then the process died
     await finalize(store, runner, meta.session_id)
     assert sha256(target.read_bytes()) == sha256(SPEECH)
     assert not list(parts.iterdir())  # every part is in the file, none left twice
+    assert [p.name for p in target.parent.iterdir() if p.name != "session.json"] == [
+        "upload.wav"]
 
 
 async def test_a_failed_write_is_never_counted(tus, tus_config, monkeypatch):

@@ -177,9 +177,14 @@ class PartsBlob:
         return whole
 
     def _move_to_sync(self, target: Path) -> None:
-        # Idempotent: a part still in the folder is not in the target yet (or only partly).
-        FileBlob(self._paths[0], self._sizes[0], self._durable)._move_to_sync(target)
-        with open(target, "r+b") as out:
+        # Joined under another name, renamed to ``target`` when whole: whoever watches the
+        # target's folder never sees a part of the file. Idempotent: a part still in the folder
+        # is not in the joined file yet (or only partly).
+        joining = target.with_name(f".{target.name}.joining")
+        if target.exists() and not joining.exists() and not self._paths[0].exists():
+            return  # moved whole by an earlier try of this same move
+        FileBlob(self._paths[0], self._sizes[0], self._durable)._move_to_sync(joining)
+        with open(joining, "r+b") as out:
             offset = self._sizes[0]
             for path, size in zip(self._paths[1:], self._sizes[1:], strict=True):
                 try:
@@ -200,7 +205,9 @@ class PartsBlob:
                 os.unlink(path)
                 offset += size
             out.truncate(offset)
+        os.rename(joining, target)
         if self._durable:
+            fsync_dir(target.parent)
             fsync_dir(self._paths[0].parent)
 
 
