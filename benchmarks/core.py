@@ -34,6 +34,13 @@ run) and reported as the median. All bytes are the same everywhere: chunkd's ``G
    chunk file into one file, fsync of that file, removal of the chunk folder.
 4. Server memory: VmHWM (peak RSS) after 16 parallel chunks of 95 MiB, plus VmRSS sampled every
    50 ms while they stream; the same with 16 parallel chunks of 8 MiB; and the idle RSS.
+5. Many sessions: ``chunkd bench`` itself, in its own process (``--sessions 200 --parallel 4
+   --size 4MiB --chunk-size 1MiB --json --server-pid PID``), against a fresh --durable on server
+   whose per-client limits are raised so that one address can stand for 200 clients
+   (MANY_SERVER_FLAGS): 800 chunk requests at once. Recorded: completed sessions, requests
+   answered with an error status (retried ones included; the 503s also on their own), chunk
+   latency p50 / p95 / p99, throughput, the server's VmHWM and CPU s/GiB, as the bench reports
+   them. ``--only many`` runs just this.
 
 With ``--auth``, every chunkd row of 2. is measured a second time, right after its auth-off run
 in the same round, against a server with auth on: ``--jwt-secret-file`` with a fresh random
@@ -89,6 +96,27 @@ SERVER_START_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 15.0
 RSS_SAMPLE_INTERVAL = 0.05
 RSS_PARALLEL = 16
+#: The many-sessions load (5.): ``chunkd bench`` with this many sessions of MANY_SIZE each, in
+#: MANY_CHUNK chunks, MANY_PARALLEL in flight per session: 800 chunk requests at once.
+MANY_SESSIONS = 200
+MANY_PARALLEL = 4
+MANY_SIZE = 4 * MiB
+MANY_CHUNK = 1 * MiB
+MANY_DURATION = 300.0            #: seconds, the bench's --duration (it stops itself after it)
+#: The many-sessions server's limits, the per-client ones raised so that this one client address
+#: can stand for 200 clients: one client may hold all 64 chunk bodies the server reads at once
+#: (chunkd's defaults: 16 per client, 64 in all; the 64 stays: it bounds the server's memory), no
+#: cap on connections per address (default 128) and room for 800 of them (default 1024), no
+#: request rate limit (default 100/s, burst 1000) and 200 open sessions for one subject
+#: (default 32). Beyond these a request still gets 503 ``server_busy`` (or 429).
+MANY_SERVER_FLAGS = (
+    "--max-chunks-per-client", "64",
+    "--max-concurrent-chunks", "64",
+    "--max-connections-per-address", "0",
+    "--max-connections", "2048",
+    "--rate-limit", "0",
+    "--max-sessions-per-subject", str(MANY_SESSIONS),
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 JWT_SUBJECT = "chunkd-bench"     #: the ``sub`` of the token the auth-on rows send
 JWT_LIFETIME = 6 * 3600          #: seconds; longer than any measurement
@@ -112,6 +140,8 @@ def human(n: int) -> str:
         return f"{n // GiB} GiB"
     if n % MiB == 0:
         return f"{n // MiB} MiB"
+    if n % KiB == 0:
+        return f"{n // KiB} KiB"
     return f"{n} B"
 
 
@@ -722,13 +752,17 @@ async def measure_seed(res: Results, scratch: Path, total: int) -> None:
         f"{seconds * 1000:.1f} ms")
 
 
+async def settle_disk() -> None:
+    """The data dir's file system is mounted with `discard`: deleting the previous measurement's
+    gigabytes queues TRIMs that slow the next journal commits (every fsync) for a few seconds.
+    Let that pass before a measurement whose fsyncs are what it times."""
+    await asyncio.to_thread(os.sync)
+    await asyncio.sleep(3)
+
+
 async def measure_finalize(res: Results, scratch: Path, sizes: list[int]) -> None:
     for total in sizes:
-        # The data dir's file system is mounted with `discard`: deleting the previous
-        # measurement's gigabytes queues TRIMs that slow the next journal commits (every fsync)
-        # for a few seconds. Let that pass first, or finalize's fsyncs measure it instead.
-        await asyncio.to_thread(os.sync)
-        await asyncio.sleep(3)
+        await settle_disk()  # or finalize's fsyncs measure the previous measurement's TRIMs
         with Server(scratch, durable=True) as server:
             async with client_session() as http:
                 up = await upload(http, server, total_size=total, chunk_size=CHUNK, parallel=4)
@@ -779,6 +813,81 @@ async def measure_rss(res: Results, scratch: Path, chunk_sizes: list[int]) -> No
             f"VmHWM {after['VmHWM'] / MiB:.1f} MiB, sampled max VmRSS "
             f"{max(sampler.samples) / MiB:.1f} MiB ({len(sampler.samples)} samples), "
             f"RSS after {after['VmRSS'] / MiB:.1f} MiB")
+
+
+class ManyServer(Server):
+    """``chunkd serve`` (--durable on) with MANY_SERVER_FLAGS: one address standing for 200."""
+
+    name = "chunkd (many sessions)"
+
+    def command(self) -> tuple[list[str], Path]:
+        cmd, cwd = super().command()
+        return [*cmd, *MANY_SERVER_FLAGS], cwd
+
+
+def many_bench_args(url: str, pid: str) -> list[str]:
+    """``chunkd bench``'s arguments for the load of 5., against ``url`` (server ``pid``)."""
+    return ["--url", url, "--sessions", str(MANY_SESSIONS), "--parallel", str(MANY_PARALLEL),
+            "--size", f"{MANY_SIZE // MiB}MiB", "--chunk-size", f"{MANY_CHUNK // MiB}MiB",
+            "--duration", f"{MANY_DURATION:.0f}s", "--server-pid", pid, "--json"]
+
+
+def add_counts(res: Results, prefix: str, counts: dict[str, int], unit: str,
+               rounds: int) -> None:
+    """One row per key of ``counts`` (``prefix`` + key), every row one value per round (this is
+    round ``rounds + 1``): a key first seen now gets 0 for the earlier rounds, one seen before
+    but not now gets 0 for this one."""
+    seen = {k[len(prefix):] for k in res.rows if k.startswith(prefix)}
+    for key in sorted(seen | set(counts)):
+        if key not in seen:
+            res.rows[prefix + key] = [0.0] * rounds
+        res.add(prefix + key, counts.get(key, 0), unit)
+
+
+def or_nan(value: float | None) -> float:
+    """A server figure ``chunkd bench`` could not read (None) as NaN (n/a in the report)."""
+    return math.nan if value is None else value
+
+
+async def measure_many(res: Results, scratch: Path) -> None:
+    """5.: MANY_SESSIONS concurrent sessions x MANY_PARALLEL chunks in flight each, sent by
+    ``chunkd bench`` (its own process: the load is not on this script's loop) to a fresh
+    --durable on server with MANY_SERVER_FLAGS; what ``chunkd bench --json`` reports."""
+    await settle_disk()
+    with ManyServer(scratch, durable=True) as server:
+        cmd = [sys.executable, "-m", "chunkd", "bench", *many_bench_args(server.url,
+                                                                          str(server.pid))]
+        c0 = os.times()
+        proc = await asyncio.to_thread(
+            subprocess.run, cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=MANY_DURATION + 120)
+        c1 = os.times()
+        try:
+            doc = json.loads(proc.stdout)
+        except ValueError:
+            raise RuntimeError(f"chunkd bench gave no JSON (exit {proc.returncode}):\n"
+                               f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}") from None
+    errors = {status: int(n) for status, n in doc["errors_by_status"].items()}
+    lat = doc["chunk_latency_ms"]
+    add_counts(res, "many:status=", errors, "requests", len(res.rows.get("many:completed", [])))
+    res.add("many:completed", doc["completed_sessions"], "sessions")
+    res.add("many:errors", sum(errors.values()), "requests")
+    res.add("many:errors_503", errors.get("503", 0), "requests")
+    for q in ("p50", "p95", "p99"):
+        res.add(f"many:{q}", lat[q], "ms")
+    res.add("many:mbps", doc["throughput_mb_s"], "MB/s")
+    res.add("many:hwm", or_nan(doc["server_peak_rss_mib"]), "MiB")
+    res.add("many:server_cpu_gib", or_nan(doc["server_cpu_s_per_gib"]), "CPU s")
+    res.add("many:client_cpu", (c1.children_user + c1.children_system)
+            - (c0.children_user + c0.children_system), "CPU s")
+    failures = "; ".join(doc["failures"][:3])
+    say(f"  {doc['sessions']} sessions x {human(MANY_SIZE)}, {human(MANY_CHUNK)} chunks, "
+        f"{MANY_PARALLEL} in flight each: {doc['completed_sessions']}/{doc['sessions']} "
+        f"completed{' (stopped by --duration)' if doc['stopped_by_duration'] else ''}, "
+        f"{doc['throughput_mb_s']:.0f} MB/s, chunk p50 {lat['p50']:.1f} / p95 {lat['p95']:.1f} "
+        f"/ p99 {lat['p99']:.1f} ms, errors {errors or 'none'}, server VmHWM "
+        f"{doc['server_peak_rss_mib']} MiB, server CPU {doc['server_cpu_s_per_gib']} s/GiB"
+        + (f"; failures: {failures}" if failures else ""))
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -840,6 +949,36 @@ def limit_summary(res: Results) -> list[str]:
                        f"{lim_cpu:.2f}, sink {sink_cpu_gib(res, parallel):.2f}): chunkd ÷ sink "
                        f"{cpu / sink_cpu_gib(res, parallel):.2f} x")
     return out
+
+
+MANY_TITLE = (f"many sessions: {MANY_SESSIONS} concurrent sessions x {MANY_PARALLEL} chunks in "
+              f"flight each, {human(MANY_SIZE)} each in {human(MANY_CHUNK)} chunks")
+
+
+def many_statuses(res: Results) -> str:
+    """The error statuses of the many-sessions load, each with its count per round."""
+    prefix = "many:status="
+    return "; ".join(f"{'no answer' if k[len(prefix):] == '0' else k[len(prefix):]}: "
+                     f"[{', '.join(f'{v:.0f}' for v in runs)}]"
+                     for k, runs in res.rows.items() if k.startswith(prefix)) or "none"
+
+
+def many_summary(res: Results) -> list[str]:
+    """The many-sessions load in one line (for stderr; the report has a table)."""
+    if "many:completed" not in res.rows:
+        return []
+
+    def per_run(key: str) -> str:
+        return ", ".join(fmt(v, res.units[key]) for v in res.rows[key])
+
+    return [f"completed {res.median('many:completed'):.0f}/{MANY_SESSIONS} "
+            f"[{per_run('many:completed')}]; error statuses {many_statuses(res)} "
+            f"(in all {res.median('many:errors'):.0f} [{per_run('many:errors')}], of them 503 "
+            f"[{per_run('many:errors_503')}]); chunk p50 / p95 / p99 "
+            f"{res.median('many:p50'):.1f} / {res.median('many:p95'):.1f} / "
+            f"{res.median('many:p99'):.1f} ms [p99 {per_run('many:p99')}]; "
+            f"{res.median('many:mbps'):.0f} MB/s; server VmHWM {res.median('many:hwm'):.1f} MiB, "
+            f"CPU {res.median('many:server_cpu_gib'):.2f} s/GiB"]
 
 
 def report(res: Results, facts: dict[str, str], command: str, size: int, runs: int) -> str:
@@ -979,10 +1118,41 @@ def report(res: Results, facts: dict[str, str], command: str, size: int, runs: i
                        f"rss:sampled-max:{tag}"))
         out.append(row(f"VmRSS right after {RSS_PARALLEL} x {tag}", f"rss:after:{tag}"))
     out.append("")
+
+    if "many:completed" in res.rows:
+        out.append(f"### 5. {MANY_TITLE[0].upper()}{MANY_TITLE[1:]} (--durable on)\n")
+        shown = shlex.join(["chunkd", "bench", *many_bench_args("URL", "PID")])
+        out.append(f"Sent by `chunkd bench` in its own process: `{shown}`, "
+                   f"{MANY_SESSIONS * MANY_PARALLEL} chunk requests at once from one address, "
+                   f"against a fresh server started with `{' '.join(MANY_SERVER_FLAGS)}` (so "
+                   f"that one address stands for {MANY_SESSIONS} clients; chunkd's defaults "
+                   "answer 503 `server_busy` beyond 16 bodies per client and 128 connections "
+                   "per address, and 429 beyond 100 requests/s and 32 open sessions per "
+                   "client; the 64 bodies read at once in all are its default). Errors: every "
+                   "request answered with a status that is not a success (0: no answer), "
+                   "retried ones included (`chunkd bench` retries a 503 up to 2 times).\n")
+        out.append("| measurement | median | runs | |")
+        out.append("|---|---|---|---|")
+        out.append(row("completed sessions", "many:completed", f"of {MANY_SESSIONS}"))
+        out.append(row("requests answered with an error status", "many:errors",
+                       many_statuses(res)))
+        out.append(row("of them 503 `server_busy` (each retried up to 2 times)",
+                       "many:errors_503"))
+        for q in ("p50", "p95", "p99"):
+            out.append(row(f"chunk latency {q}", f"many:{q}"))
+        out.append(row("throughput", "many:mbps"))
+        out.append(row("server peak RSS (VmHWM)", "many:hwm"))
+        out.append(row("server CPU s/GiB", "many:server_cpu_gib"))
+        out.append(row("client (`chunkd bench`) CPU s", "many:client_cpu"))
+        out.append("")
     return "\n".join(out)
 
 
 # -- main ------------------------------------------------------------------------------------------
+
+
+#: The measurements ``--only`` picks from, in the order of the report.
+SECTIONS = ("raw", "chunkd", "finalize", "rss", "many")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1000,8 +1170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scratch-parent", type=Path, default=None,
                    help="where to create the scratch folder (default: the system temp dir); "
                         "raw writes and data dirs both go there, so they share one disk")
-    p.add_argument("--only", default="raw,chunkd,finalize,rss",
-                   help="comma-separated subset of raw,chunkd,finalize,rss")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--auth", action="store_true",
                    help="measure every chunkd throughput row a second time with auth on (a "
                         "temporary --jwt-secret-file, a JWT from PyJWT): adds those rows and "
@@ -1009,6 +1179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 20:
         p.error("--runs must be between 1 and 20")
+    if not set(args.only.split(",")) <= set(SECTIONS):
+        p.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}")
     if not 0 < args.size_gib <= 8:
         p.error("--size-gib must be in (0, 8]")
     return args
@@ -1024,22 +1196,25 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
 
     # the largest finalize: chunkd's session, then the seed's chunk files + its assembled copy
     need = max([2 * size, *(2 * f for f in finalize_sizes),
-                *(RSS_PARALLEL * c for c in rss_chunks)])
+                *(RSS_PARALLEL * c for c in rss_chunks), MANY_SESSIONS * MANY_SIZE])
     free = shutil.disk_usage(scratch).free
     if free < need + 2 * GiB:
         raise SystemExit(f"not enough free disk in {scratch}: {free / GiB:.1f} GiB free, "
                          f"need {(need + 2 * GiB) / GiB:.1f} GiB")
 
-    say(f"generating {human(size)} of test data ...")
-    data = await make_data(size)
-    # Untimed warm-up: the first writes after start are slower (cold page cache / guest memory).
-    say("warm-up (untimed) ...")
-    warm = Path(tempfile.mkdtemp(prefix="warm-", dir=scratch))
-    try:
-        for mode in RAW_MODES:
-            raw_write(warm / "raw.bin", data, size, mode)
-    finally:
-        shutil.rmtree(warm, ignore_errors=True)
+    data = memoryview(b"")  # only the raw writes and the throughput rows (priming) use it
+    if only & {"raw", "chunkd"}:
+        say(f"generating {human(size)} of test data ...")
+        data = await make_data(size)
+        # Untimed warm-up: the first writes after start are slower (cold page cache / guest
+        # memory).
+        say("warm-up (untimed) ...")
+        warm = Path(tempfile.mkdtemp(prefix="warm-", dir=scratch))
+        try:
+            for mode in RAW_MODES:
+                raw_write(warm / "raw.bin", data, size, mode)
+        finally:
+            shutil.rmtree(warm, ignore_errors=True)
     res = Results()
     for run in range(1, args.runs + 1):
         say(f"run {run}/{args.runs}")
@@ -1053,6 +1228,8 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
             await measure_finalize(res, scratch, finalize_sizes)
         if "rss" in only:
             await measure_rss(res, scratch, rss_chunks)
+        if "many" in only:
+            await measure_many(res, scratch)
     return res
 
 
@@ -1073,13 +1250,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     text = report(res, facts, command, int(args.size_gib * GiB), args.runs) \
         if set(args.only.split(",")) >= {"raw", "chunkd", "finalize", "rss"} else \
-        json.dumps(res.rows, indent=1)
+        json.dumps(res.rows, indent=1)  # the report's tables want those four
     print(text)
     if limit_summary(res):
         say("chunkd ÷ limit receiver, CPU ÷ sink:\n" + "\n".join(f"  {line}"
                                                               for line in limit_summary(res)))
     if auth_rows(res):
         say("auth on (JWT) ÷ auth off:\n" + "\n".join(f"  {line}" for line in auth_summary(res)))
+    if many_summary(res):
+        say(f"{MANY_TITLE}:\n" + "\n".join(f"  {line}" for line in many_summary(res)))
     if args.json:
         args.json.write_text(json.dumps(
             {"command": command, "machine": facts, "runs": args.runs,

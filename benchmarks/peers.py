@@ -44,7 +44,7 @@ path also "hand-off": from the last PATCH's answer until the finished file is in
 sampled bytes are then checked against the source. Every measurement is repeated ``--runs``
 times, interleaved (one full round per run), and reported as the median.
 
-A raw-write baseline (the same bytes written with plain Python in 50 MiB writes, no sync) runs in
+A raw-write baseline (the same bytes written with plain Python in 256 KiB writes, no sync) runs in
 the same rounds, for chunkd / raw.
 
 Bounded: a timeout on every request and subprocess, servers stopped by PID (SIGTERM, then SIGKILL)
@@ -478,7 +478,7 @@ async def amain(args: argparse.Namespace, scratch: Path) -> Results:
             core.prime(scratch, data, size)
             seconds = core.raw_write(raw_dir / "raw.bin", data, size, "write")
             res.add("raw:write", mb_per_s(size, seconds), "MB/s")
-            say(f"  raw write {human(size)}, 50 MiB writes, no sync: {mb_per_s(size, seconds):.0f} MB/s")
+            say(f"  raw write {human(size)}, {human(core.RAW_PIECE)} writes, no sync: {mb_per_s(size, seconds):.0f} MB/s")
             for sc in scenarios(size):
                 for kind in sc.kinds:
                     if kind not in only:
@@ -571,7 +571,7 @@ def report(doc: dict[str, Any]) -> str:
     out.append(f"Command: `{doc['command']}`  ")
     out.append(f"Runs: {doc['runs']} (medians; MB/s = 10^6 bytes/s), chunk size "
                f"{human(doc['chunk_bytes'])}. Raw baseline: {human(size)} written with plain Python "
-               f"in 50 MiB writes, no sync, same disk, same rounds: "
+               f"in {human(core.RAW_PIECE)} writes, no sync, same disk, same rounds: "
                f"**{med('raw:write'):.0f} MB/s** [{runs('raw:write')}].\n")
     out.append("| peer | versions |")
     out.append("|---|---|")

@@ -216,9 +216,37 @@ def targets(pdoc: dict, cdoc: dict) -> list[str]:
                          f"{big:.1f} vs {small:.1f} MiB", "95 ≤ 8", big <= small,
                          f"{small - big:.1f} MiB smaller" if big <= small else
                          f"{big - small:.1f} MiB ({(big / small - 1) * 100:.1f}%) larger"))
+    if "many:completed" in c:  # every round: all sessions completed, no error status at all
+        done, errs = c["many:completed"]["runs"], c["many:errors"]["runs"]
+        n, busy = core.MANY_SESSIONS, c["many:errors_503"]["runs"]
+        met = min(done) == n and max(errs) == 0
+        rows.append((f"{n} sessions × {core.MANY_PARALLEL} chunks in flight "
+                     f"({core.human(core.MANY_SIZE)} sessions, {core.human(core.MANY_CHUNK)} "
+                     "chunks, --durable on): no error",
+                     f"at worst {min(done):.0f}/{n} completed, {max(errs):.0f} error answers "
+                     f"({max(busy):.0f} 503 server_busy) in a round; chunk p99 "
+                     f"{cm('many:p99'):.0f} ms (p50 {cm('many:p50'):.0f}, p95 "
+                     f"{cm('many:p95'):.0f})", f"{n}/{n}, no error status", met,
+                     "none in any round" if met else
+                     f"{n - min(done):.0f} of {n} sessions failed; error statuses per round "
+                     f"{core.many_statuses(core_results(cdoc))}"))
+    scenarios = (("1x", f"1 x {core.human(pdoc['size_bytes'])}"),
+                 ("4x", f"4 x {core.human(pdoc['size_bytes'] // 4)} in parallel"))
+    for mine in ("chunkd-on", "chunkd-tus-on"):  # server CPU per GiB, chunkd ÷ the lowest peer
+        for sc, label in scenarios:
+            peer_cpu = {k: pm(f"{sc}:{k}:server_cpu_gib") for k in peers.PEER_KINDS
+                        if f"{sc}:{k}:server_cpu_gib" in r}
+            if f"{sc}:{mine}:server_cpu_gib" not in r or not peer_cpu:
+                continue
+            v, low = pm(f"{sc}:{mine}:server_cpu_gib"), min(peer_cpu.values())
+            ratio_row(f"server CPU s/GiB the lowest of the servers: {peers.SERVERS[mine]} ÷ "
+                      f"the lower of {' and '.join(peers.SERVERS[k] for k in peer_cpu)}, {label}",
+                      v / low, 1,
+                      f"{v:.2f} vs " + ", ".join(f"{peers.SERVERS[k]} {x:.2f}"
+                                                 for k, x in peer_cpu.items()) + " s/GiB",
+                      at_most=True)
     for kind in peers.PEER_KINDS:
-        for sc, label in (("1x", f"1 x {core.human(pdoc['size_bytes'])}"),
-                          ("4x", f"4 x {core.human(pdoc['size_bytes'] // 4)} in parallel")):
+        for sc, label in scenarios:
             if f"{sc}:{kind}:mbps" not in r:
                 continue
             peer = pm(f"{sc}:{kind}:mbps")
