@@ -49,14 +49,24 @@ def _production_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     TAKEN.clear()
 
 
-@pytest.fixture(params=[True, False], ids=["socket", "stream"])
-async def app_client(request, aiohttp_client, tmp_path):
-    config = Config(data_dir=tmp_path / "data", chunk_size=BIG, body_timeout=1.5,
-                    min_body_rate=0, socket_body=request.param)
+async def start(aiohttp_client, tmp_path, socket_body: bool, body_timeout: float):
+    config = Config(data_dir=tmp_path / "data", chunk_size=BIG, body_timeout=body_timeout,
+                    min_body_rate=0, socket_body=socket_body)
     client = await aiohttp_client(ChunkdTestServer(make_app(config)))
-    client.socket_body = request.param
+    client.socket_body = socket_body
     client.config = config
     return client
+
+
+@pytest.fixture(params=[True, False], ids=["socket", "stream"])
+async def app_client(request, aiohttp_client, tmp_path):
+    return await start(aiohttp_client, tmp_path, request.param, body_timeout=1.5)
+
+
+@pytest.fixture(params=[True, False], ids=["socket", "stream"])
+async def patient_client(request, aiohttp_client, tmp_path):
+    """A long idle deadline: a body that stops only ends when something stops it."""
+    return await start(aiohttp_client, tmp_path, request.param, body_timeout=30.0)
 
 
 def chunk_request(sid: str, index: int, length: int, **headers: str) -> bytes:
@@ -254,14 +264,14 @@ async def test_a_tus_patch_is_checkpointed_while_it_streams_and_a_cut_keeps_ever
     assert len(TAKEN) == (2 if app_client.socket_body else 0)
 
 
-async def test_a_newer_head_stops_a_stale_large_patch_at_once(app_client):
-    location = await tus_create(app_client, 2 * BIG)
-    _, writer = await asyncio.open_connection(app_client.host, app_client.port)
+async def test_a_newer_head_stops_a_stale_large_patch_at_once(patient_client):
+    location = await tus_create(patient_client, 2 * BIG)
+    _, writer = await asyncio.open_connection(patient_client.host, patient_client.port)
     writer.write(patch_request(location, 0, 2 * BIG) + DATA[: BIG // 2])
     await writer.drain()
     await asyncio.sleep(0.3)
     started = time.monotonic()
-    resp = await app_client.head(location, headers=TUS)
+    resp = await patient_client.head(location, headers=TUS)
     assert resp.status == 200 and resp.headers["Upload-Offset"] == str(BIG // 2)
     assert time.monotonic() - started < 1.5
     writer.close()
