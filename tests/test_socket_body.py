@@ -264,6 +264,32 @@ async def test_a_tus_patch_is_checkpointed_while_it_streams_and_a_cut_keeps_ever
     assert len(TAKEN) == (2 if app_client.socket_body else 0)
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_half_closed_tus_patch_is_no_success_but_keeps_its_bytes(server_factory, mode):
+    """A body shorter than its Content-Length is never answered 204 (the client would take
+    the PATCH as done); what came is kept (from the socket: every byte; through aiohttp: what
+    it had handed on when the client left). A real ``chunkd serve``: the test server cancels
+    a handler whose client leaves, which would hide a wrong answer."""
+    srv = server_factory("--socket-body", mode)
+    host, port = srv.url.split("//")[1].rstrip("/").split(":")
+    req = urllib.request.Request(srv.url.rstrip("/") + "/files/", method="POST", data=b"",
+                                 headers={**TUS, "Upload-Length": str(2 * BIG),
+                                          "Upload-Metadata": meta(filename="a.wav")})
+    location = urllib.request.urlopen(req, timeout=10).headers["Location"]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(patch_request(location, 0, BIG) + DATA[: 2 * MiB])
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(10)
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    sock.close()
+    assert rest == b"" or (rest.startswith(b"HTTP/1.1 400") and b"invalid_body" in rest), rest
+    head = urllib.request.Request(srv.url.rstrip("/") + location, method="HEAD", headers=TUS)
+    offset = int(urllib.request.urlopen(head, timeout=10).headers["Upload-Offset"])
+    assert offset == 2 * MiB if mode == "on" else 0 <= offset <= 2 * MiB
+
+
 async def test_a_newer_head_stops_a_stale_large_patch_at_once(patient_client):
     location = await tus_create(patient_client, 2 * BIG)
     _, writer = await asyncio.open_connection(patient_client.host, patient_client.port)
