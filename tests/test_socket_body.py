@@ -234,34 +234,49 @@ def durable_offset(client, location: str) -> int:
 
 
 async def test_a_tus_patch_is_checkpointed_while_it_streams_and_a_cut_keeps_every_byte_sent(
-        app_client):
-    location = await tus_create(app_client, 2 * BIG)
-    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+        patient_client):
+    location = await tus_create(patient_client, 2 * BIG)
+    reader, writer = await asyncio.open_connection(patient_client.host, patient_client.port)
     writer.write(patch_request(location, 0, 2 * BIG) + DATA[:BIG])
     await writer.drain()
     await asyncio.sleep(1.2)
     writer.write(DATA[BIG : BIG + MiB])  # bytes after a second: a checkpoint is due
     await writer.drain()
     deadline = time.monotonic() + 5
-    while durable_offset(app_client, location) < BIG:  # counted while the body is open
+    while durable_offset(patient_client, location) < BIG:  # counted while the body is open
         assert time.monotonic() < deadline, "no checkpoint while the body streamed"
         await asyncio.sleep(0.05)
     writer.transport.abort()
     deadline = time.monotonic() + 5
-    while durable_offset(app_client, location) != BIG + MiB and time.monotonic() < deadline:
+    while durable_offset(patient_client, location) != BIG + MiB and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    resp = await app_client.head(location, headers=TUS)
+    resp = await patient_client.head(location, headers=TUS)
     assert resp.headers["Upload-Offset"] == str(BIG + MiB)  # every byte that arrived is kept
-    resp = await app_client.patch(location, data=DATA[BIG + MiB : 2 * BIG], headers={
+    resp = await patient_client.patch(location, data=DATA[BIG + MiB : 2 * BIG], headers={
         **TUS, "Content-Type": "application/offset+octet-stream",
         "Upload-Offset": str(BIG + MiB)})
     assert resp.status == 204 and resp.headers["Upload-Offset"] == str(2 * BIG)
     deadline = time.monotonic() + 10
-    while not (done := list((app_client.config.data_dir / "completed").glob("*/upload.*"))):
+    while not (done := list((patient_client.config.data_dir / "completed").glob("*/upload.*"))):
         assert time.monotonic() < deadline, "not handed off"
         await asyncio.sleep(0.05)
     assert sha256(done[0].read_bytes()) == sha256(DATA[: 2 * BIG])
-    assert len(TAKEN) == (2 if app_client.socket_body else 0)
+    assert len(TAKEN) == (2 if patient_client.socket_body else 0)
+
+
+async def test_a_stalled_tus_patch_is_503_and_keeps_every_byte_that_came(app_client):
+    """The idle deadline ends the PATCH while the worker holds a part-filled buffer: those
+    bytes are written before the error, so the offset is all that arrived."""
+    location = await tus_create(app_client, 2 * BIG)
+    reader, writer = await asyncio.open_connection(app_client.host, app_client.port)
+    sent = BIG + 123_457  # not a whole number of the worker's buffers
+    writer.write(patch_request(location, 0, 2 * BIG) + DATA[:sent])
+    await writer.drain()
+    status, _, body = await read_response(reader)  # after body_timeout (1.5 s)
+    assert status == 503 and b"body_stalled" in body
+    writer.close()
+    resp = await app_client.head(location, headers=TUS)
+    assert resp.headers["Upload-Offset"] == str(sent)
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
