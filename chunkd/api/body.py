@@ -60,7 +60,6 @@ class RequestBody:
         self._content = request.content
         self._content.set_read_chunk_size(BODY_READ_SIZE)
         self._idle = idle_timeout
-        self._min_rate = min_rate
         self._from_socket = from_socket
         self._stopped: BaseException | None = None
         self._taken: socket_body.TakenSocket | None = None
@@ -110,7 +109,8 @@ class RequestBody:
                         checkpoint: Callable[[], Awaitable[None]] | None = None) -> int:
         """Move the body into ``writer``, at most ``limit`` bytes (``too_long()`` is raised past
         it); with ``checkpoint``, await it about every ``every`` seconds while the body lasts.
-        Returns the bytes moved (fewer than sent when the body was cut off)."""
+        Returns the bytes moved. A body that ends before its ``Content-Length`` raises (what
+        came of it is in the writer, not committed)."""
         length = self._request.content_length
         taken = None
         if self._from_socket and length is not None and length <= limit:
