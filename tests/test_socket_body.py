@@ -26,7 +26,7 @@ from chunkd.api import socket_body
 from chunkd.app import make_app
 from chunkd.config import Config, MiB
 from chunkd.store.fs.ranges import range_locked
-from tests.conftest import MEDIA, ChunkdTestServer, create_session, sha256, status_line
+from conftest import MEDIA, ChunkdTestServer, create_session, sha256, status_line
 
 BIG = 3 * MiB
 _HEAD = (MEDIA / "speech.wav").read_bytes()
