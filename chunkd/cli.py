@@ -239,6 +239,7 @@ async def serve(config: Config) -> None:
         print(f"chunkd: shutting down, {drain.active} request(s) in flight", flush=True)
         if not await drain.wait(config.shutdown_timeout):
             print(f"chunkd: cancelling {drain.active} unfinished request(s)", flush=True)
+            await drain.cancel()
     finally:
         await runner.cleanup()
 

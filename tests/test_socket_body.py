@@ -339,3 +339,24 @@ def test_sigterm_during_a_large_body_exits_without_waiting_for_it(server_factory
     assert srv.proc.returncode == 0, out
     assert "Traceback" not in out
     sock.close()
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_sigterm_during_a_large_patch_keeps_every_byte_that_came(server_factory, tmp_path, mode):
+    """Shutdown cancels a PATCH still streaming after --shutdown-timeout, once, and waits for
+    it to clean up: what it had written is kept (counted on the way out), so after a restart
+    HEAD offers all of it (aiohttp's own shutdown cancelled it again and did not wait)."""
+    srv = server_factory("--shutdown-timeout", "1s", "--body-timeout", "60s", "--socket-body", mode)
+    host, port = srv.url.split("//")[1].rstrip("/").split(":")
+    req = urllib.request.Request(srv.url.rstrip("/") + "/files/", method="POST", data=b"",
+                                 headers={**TUS, "Upload-Length": str(2 * BIG),
+                                          "Upload-Metadata": meta(filename="a.wav")})
+    location = urllib.request.urlopen(req, timeout=10).headers["Location"]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(patch_request(location, 0, BIG) + DATA[: 2 * MiB])
+    time.sleep(0.3)  # less than a checkpoint's second
+    srv.terminate(timeout=20)
+    sock.close()
+    again = server_factory(data_dir=tmp_path / "data")
+    head = urllib.request.Request(again.url.rstrip("/") + location, method="HEAD", headers=TUS)
+    assert urllib.request.urlopen(head, timeout=10).headers["Upload-Offset"] == str(2 * MiB)

@@ -53,6 +53,11 @@ class _Pace:
             self._start, self._bytes = time.monotonic(), 0
 
 
+class RequestEnded(Exception):
+    """Raised in a worker still reading a body whose request has ended (cancelled): not an
+    ``OSError``, so the writer keeps counting what it wrote (a tus PATCH keeps its prefix)."""
+
+
 class RequestBody:
     def __init__(self, request: web.Request, idle_timeout: float, min_rate: int = 0, *,
                  from_socket: bool = True) -> None:
@@ -139,7 +144,7 @@ class RequestBody:
             return total
         finally:
             if self._stopped is None:  # a worker still reading (cancelled) stops at its next read
-                self._stopped = ConnectionAbortedError("the request ended")
+                self._stopped = RequestEnded()
             taken.give_back(whole)
 
     async def _copy_pieces(self, pieces: AsyncIterator[bytes], writer: RangeWriter | None,

@@ -211,22 +211,31 @@ class FileRangeWriter:
         if self._fill_buffer is None:
             self._fill_buffer = bytearray(FILL_BUFFER)
         until = time.monotonic() + seconds if seconds is not None else None
-        taken = [0]
+        taken: list[int] = [0]
+        raised: list[Exception] = []
         job = asyncio.get_running_loop().run_in_executor(
-            _fill_threads(), self._fill_sync, read, n, until, taken)
+            _fill_threads(), self._fill_sync, read, n, until, taken, raised)
+
+        def account(_: object) -> None:  # when the worker is done, also after a cancelled wait
+            self._written += taken[0]    # (if it failed, nothing after counts anyway)
+
+        job.add_done_callback(account)  # before any waiter's: they see the count
         self._pending = asyncio.ensure_future(job)
-        try:
-            await self._wait_pending()
-        finally:
-            self._written += taken[0]  # written (or failed: then nothing after counts)
+        await self._wait_pending()
+        if raised:
+            raise raised[0]
         return taken[0], job.result()
 
     def _fill_sync(self, read: Callable[[memoryview], int], n: int, until: float | None,
-                   taken: list[int]) -> bool:
+                   taken: list[int], raised: list[Exception]) -> bool:
+        """The worker's loop. An error of ``read`` (deadline, stop) is the caller's: it is
+        handed back in ``raised``, not as the job's failure, which would make the writer
+        unusable for keeping what was written; a failed write is the job's failure."""
         assert self._fill_buffer is not None
         view = memoryview(self._fill_buffer)
         while taken[0] < n:
             want, got, ended = min(len(view), n - taken[0]), 0, False
+            error: Exception | None = None
             try:
                 while got < want:
                     k = read(view[got:want])
@@ -236,11 +245,15 @@ class FileRangeWriter:
                     got += k
                     if until is not None and time.monotonic() >= until:
                         break  # a checkpoint is due: write what there is
-            finally:  # also when read raised: what it delivered is written
-                if got:
-                    _pwrite_all(self._fd, [view[:got]], self._pos, self._hasher, self._durable)
-                    self._pos += got
-                    taken[0] += got
+            except Exception as exc:  # noqa: BLE001 (handed to the caller below)
+                error = exc
+            if got:  # also when read raised: what it delivered is written
+                _pwrite_all(self._fd, [view[:got]], self._pos, self._hasher, self._durable)
+                self._pos += got
+                taken[0] += got
+            if error is not None:
+                raised.append(error)
+                return False
             if ended:
                 return True
             if until is not None and time.monotonic() >= until:
