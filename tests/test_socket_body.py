@@ -279,6 +279,24 @@ async def test_a_stalled_tus_patch_is_503_and_keeps_every_byte_that_came(app_cli
     assert resp.headers["Upload-Offset"] == str(sent)
 
 
+def start_patch(srv, sent: int) -> tuple[str, socket.socket]:
+    """On a real ``chunkd serve``: a tus upload of 2 x BIG and a PATCH of BIG bytes whose
+    first ``sent`` bytes are sent (the socket stays open)."""
+    host, port = srv.url.split("//")[1].rstrip("/").split(":")
+    req = urllib.request.Request(srv.url.rstrip("/") + "/files/", method="POST", data=b"",
+                                 headers={**TUS, "Upload-Length": str(2 * BIG),
+                                          "Upload-Metadata": meta(filename="a.wav")})
+    location = urllib.request.urlopen(req, timeout=10).headers["Location"]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(patch_request(location, 0, BIG) + DATA[:sent])
+    return location, sock
+
+
+def head_offset(srv, location: str) -> int:
+    head = urllib.request.Request(srv.url.rstrip("/") + location, method="HEAD", headers=TUS)
+    return int(urllib.request.urlopen(head, timeout=10).headers["Upload-Offset"])
+
+
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_a_half_closed_tus_patch_is_no_success_but_keeps_its_bytes(server_factory, mode):
     """A body shorter than its Content-Length is never answered 204 (the client would take
@@ -286,13 +304,7 @@ def test_a_half_closed_tus_patch_is_no_success_but_keeps_its_bytes(server_factor
     it had handed on when the client left). A real ``chunkd serve``: the test server cancels
     a handler whose client leaves, which would hide a wrong answer."""
     srv = server_factory("--socket-body", mode)
-    host, port = srv.url.split("//")[1].rstrip("/").split(":")
-    req = urllib.request.Request(srv.url.rstrip("/") + "/files/", method="POST", data=b"",
-                                 headers={**TUS, "Upload-Length": str(2 * BIG),
-                                          "Upload-Metadata": meta(filename="a.wav")})
-    location = urllib.request.urlopen(req, timeout=10).headers["Location"]
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(patch_request(location, 0, BIG) + DATA[: 2 * MiB])
+    location, sock = start_patch(srv, 2 * MiB)
     sock.shutdown(socket.SHUT_WR)
     sock.settimeout(10)
     rest = b""
@@ -300,8 +312,7 @@ def test_a_half_closed_tus_patch_is_no_success_but_keeps_its_bytes(server_factor
         rest += chunk
     sock.close()
     assert rest == b"" or (rest.startswith(b"HTTP/1.1 400") and b"invalid_body" in rest), rest
-    head = urllib.request.Request(srv.url.rstrip("/") + location, method="HEAD", headers=TUS)
-    offset = int(urllib.request.urlopen(head, timeout=10).headers["Upload-Offset"])
+    offset = head_offset(srv, location)
     assert offset == 2 * MiB if mode == "on" else 0 <= offset <= 2 * MiB
 
 
@@ -347,16 +358,9 @@ def test_sigterm_during_a_large_patch_keeps_every_byte_that_came(server_factory,
     it to clean up: what it had written is kept (counted on the way out), so after a restart
     HEAD offers all of it (aiohttp's own shutdown cancelled it again and did not wait)."""
     srv = server_factory("--shutdown-timeout", "1s", "--body-timeout", "60s", "--socket-body", mode)
-    host, port = srv.url.split("//")[1].rstrip("/").split(":")
-    req = urllib.request.Request(srv.url.rstrip("/") + "/files/", method="POST", data=b"",
-                                 headers={**TUS, "Upload-Length": str(2 * BIG),
-                                          "Upload-Metadata": meta(filename="a.wav")})
-    location = urllib.request.urlopen(req, timeout=10).headers["Location"]
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(patch_request(location, 0, BIG) + DATA[: 2 * MiB])
+    location, sock = start_patch(srv, 2 * MiB)
     time.sleep(0.3)  # less than a checkpoint's second
     srv.terminate(timeout=20)
     sock.close()
     again = server_factory(data_dir=tmp_path / "data")
-    head = urllib.request.Request(again.url.rstrip("/") + location, method="HEAD", headers=TUS)
-    assert urllib.request.urlopen(head, timeout=10).headers["Upload-Offset"] == str(2 * MiB)
+    assert head_offset(again, location) == 2 * MiB

@@ -7,7 +7,7 @@ store keeps its durable offset (``offset/<n>``, moved by rename after the bytes 
     PATCH ──► open_append (one holder per upload, any process; 423 after a short wait)
                 │ offset == Upload-Offset? (409 otherwise, nothing touched)
                 ▼
-              write pieces ──► every CHECKPOINT_SECONDS: flush, offset moves (progress)
+              write the body ──► every CHECKPOINT_SECONDS: flush, offset moves (progress)
                 │ the body ends early / times out: flush, keep the prefix, 503 (retried)
                 │ Upload-Checksum given: all or nothing (460, nothing kept)
                 ▼
