@@ -567,9 +567,10 @@ async def test_refusals_fail_at_once_with_the_servers_code(browser, server_facto
 async def test_rate_limited_requests_wait_for_retry_after(browser, server_factory):
     """429 rate_limited comes with Retry-After (whole seconds): the module waits that long,
     not its own (here tiny) backoff, and the upload goes through."""
-    srv = server_factory("--rate-limit", "20", "--rate-burst", "15")
-    # 40 chunks: at 20 requests a second (after a burst of 15) they would need at least 1.5 s,
-    # far longer than they take here, so some are refused
+    srv = server_factory("--rate-limit", "10", "--rate-burst", "8")
+    # 40 chunks: at 10 requests a second (after a burst of 8) they would need at least 3.2 s,
+    # far longer than they take here, even on a loaded CI machine (at 20/s and a burst of 15,
+    # 1.5 s, a slow run once met no 429), so some are refused
     data = media(40 * 8 * KiB)
     context = await open_context(browser, {"talk.wav": data})
     page, _ = await open_page(context, srv.url + "/healthz")
